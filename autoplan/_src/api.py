@@ -1,0 +1,148 @@
+"""`autoplan.plan`: trace a step, solve the intra-operator ILP, return a `Plan`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from autoplan._src import cluster as C
+from autoplan._src import graph as G
+from autoplan._src import intra
+from autoplan._src import plan as P
+from autoplan._src import trace as T
+from autoplan._src.strategies import base as S
+
+
+def resolve_mesh(mesh=None, num_devices: int | None = None) -> list[C.MeshShape]:
+    """Candidate meshes: the given one, or every (data, model) factorization of ``num_devices``."""
+    if mesh is not None:
+        if num_devices is not None:
+            raise ValueError("pass either mesh= or num_devices=, not both")
+        return [C.MeshShape.from_mesh(mesh)]
+    if num_devices is None:
+        import jax
+
+        num_devices = len(jax.devices())
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    return [C.MeshShape(axis_names=("data", "model"), axis_sizes=(num_devices // m, m))
+            for m in range(1, num_devices + 1) if num_devices % m == 0]
+
+
+def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
+             ) -> tuple[C.Cost, tuple[P.CollectiveUse, ...]]:
+    """The cost model's verdict on one strategy per operator (the ILP objective, itemized)."""
+    graph, ctx = problem.graph, problem.ctx
+    compute = comm = comm_bytes = 0.0
+    uses: list[P.CollectiveUse] = []
+    for op in graph.ops:
+        strategy = problem.strategies[op.id][op_strategy[op.id]]
+        compute += strategy.compute_seconds
+        where = f"{op.layer or '<top>'} {op.role}"
+        for col in strategy.collectives:
+            comm += col.seconds
+            comm_bytes += col.wire_bytes
+            uses.append(P.CollectiveUse(where=where, op=op.primitive, kind=col.kind, axes=col.axes,
+                                        nbytes=col.nbytes, wire_bytes=col.wire_bytes, seconds=col.seconds))
+        for k, t in enumerate(op.inputs):
+            if t == G.LITERAL:
+                continue
+            tensor = graph.tensors[t]
+            producer = graph.ops[tensor.producer]
+            src = problem.strategies[producer.id][op_strategy[producer.id]].output_specs[tensor.output_index]
+            dst = strategy.input_specs[k]
+            if src == dst or src is None or dst is None:
+                continue
+            for col in S.reshard_collectives(src, dst, tensor.shape, tensor.dtype, ctx):
+                comm += col.seconds
+                comm_bytes += col.wire_bytes
+                uses.append(P.CollectiveUse(where=where, op=f"reshard {producer.primitive} -> {op.primitive}",
+                                            kind=col.kind, axes=col.axes, nbytes=col.nbytes,
+                                            wire_bytes=col.wire_bytes, seconds=col.seconds))
+    cost = C.Cost(step_seconds=compute + comm, compute_seconds=compute, communication_seconds=comm,
+                  communication_bytes=comm_bytes, memory_bytes=peak_memory)
+    return cost, tuple(uses)
+
+
+def build_plan(name: str, graph: G.Graph, problem: intra.Problem, solution: intra.Solution,
+               memory_budget: float | None, extra_solver: Mapping | None = None) -> P.Plan:
+    ctx = problem.ctx
+    strategies = [problem.strategies[i][s] for i, s in enumerate(solution.op_strategy)]
+    cost, uses = evaluate(problem, solution.op_strategy, solution.peak_memory)
+    inputs = tuple(P.LeafSharding(path=graph.input_paths[i], shape=graph.ops[op].output_shapes[0],
+                                  dtype=graph.ops[op].output_dtypes[0], spec=strategies[op].output_specs[0])
+                   for i, op in enumerate(graph.input_ops))
+    outputs = tuple(P.LeafSharding(path=graph.output_paths[i], shape=graph.ops[op].input_shapes[0],
+                                   dtype=graph.tensors[graph.ops[op].inputs[0]].dtype,
+                                   spec=strategies[op].input_specs[0])
+                    for i, op in enumerate(graph.output_ops))
+    anchors = tuple(P.Anchor(op=op.id, output=0, label=f"{op.layer or '<top>'} {op.role} {op.primitive}",
+                             shape=op.output_shapes[0], spec=strategies[op.id].output_specs[0])
+                    for op in graph.ops if op.primitive in P.ANCHOR_PRIMITIVES)
+    solver = {"status": solution.status, "solve_seconds": solution.solve_seconds, "num_vars": solution.num_vars,
+              "num_edges": solution.num_edges, "objective_seconds": solution.objective_seconds,
+              "build_seconds": problem.build_seconds, **(extra_solver or {})}
+    return P.Plan(name=name, mesh=ctx.mesh, cluster=ctx.cluster, inputs=inputs, outputs=outputs,
+                  aliases=dict(graph.aliases), anchors=anchors, op_strategies=tuple(s.name for s in strategies),
+                  collectives=uses, cost=cost, memory_budget=memory_budget, solver=solver,
+                  fingerprint=P.graph_fingerprint(graph), input_tree=graph.input_tree,
+                  output_tree=graph.output_tree)
+
+
+def plan_graph(graph: G.Graph, mesh: C.MeshShape, cluster: C.Cluster, *, memory_budget: float | None,
+               time_limit: float = 60.0, name: str = "autoplan",
+               pinned: Mapping[int, Sequence[S.Spec]] | None = None, merge_followers: bool = True,
+               tie_layers: bool = True, trace_seconds: float = 0.0) -> P.Plan:
+    """Solve one graph on one mesh (the shared back end of `plan` and the baselines)."""
+    start = time.perf_counter()
+    ctx = S.Context(mesh=mesh, cluster=cluster)
+    options = intra.SolveOptions(memory_budget=memory_budget, time_limit=time_limit, pinned=dict(pinned or {}),
+                                 merge_followers=merge_followers, tie_layers=tie_layers)
+    problem = intra.build_problem(graph, ctx, options)
+    solution = intra.solve(problem, options)
+    total = trace_seconds + time.perf_counter() - start
+    return build_plan(name, graph, problem, solution, memory_budget,
+                      {"total_seconds": total, "trace_seconds": trace_seconds})
+
+
+def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluster | str | None = None,
+         memory_budget: float | None = None, time_limit: float = 60.0, static_argnums: Sequence[int] = (),
+         ) -> P.Plan:
+    """Plan ``fn(*args)`` on a mesh: how to split every input, output and key intermediate.
+
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; ``mesh`` a
+    `jax.sharding.Mesh` or `AbstractMesh` (or pass ``num_devices`` and
+    autoplan picks the (data, model) shape).  ``memory_budget`` defaults to
+    the cluster's device memory; ``cluster`` to "cpu".
+
+    >>> import jax, jax.numpy as jnp, autoplan
+    >>> w = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
+    >>> x = jax.ShapeDtypeStruct((4096, 1024), jnp.float32)
+    >>> p = autoplan.plan(lambda w, x: (x @ w).sum(), w, x, num_devices=8, cluster="a100-8x")
+    >>> p.mesh.size
+    8
+    """
+    cluster = C.get_cluster(cluster)
+    meshes = resolve_mesh(mesh, num_devices)
+    budget = cluster.device_memory if memory_budget is None else float(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
+    start = time.perf_counter()
+    graph = T.trace(fn, *args, static_argnums=static_argnums)
+    trace_seconds = time.perf_counter() - start
+    best, errors = None, []
+    for candidate in meshes:
+        try:
+            result = plan_graph(graph, candidate, cluster, memory_budget=budget, time_limit=time_limit,
+                                trace_seconds=trace_seconds)
+        except intra.PlanningError as err:
+            errors.append(err)
+            continue
+        if best is None or result.cost.step_seconds < best.cost.step_seconds:
+            best = result
+    if best is None:
+        raise errors[0] if len(errors) == 1 else intra.PlanningError(
+            "no mesh shape admits a plan: " + "; ".join(str(e) for e in errors))
+    return best

@@ -1,0 +1,117 @@
+"""Everything autoplan needs from JAX's internals, in one place.
+
+Jaxpr structure (``Var``, ``Literal``, sub-jaxpr parameters), name stacks and
+source locations are not public API and change between releases; the passes
+call these helpers instead of touching ``jax._src`` or ``jax.extend`` directly.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+from jax.extend import core as jex_core
+
+try:  # source locations; a private module with no public equivalent.
+    from jax._src import source_info_util as _source_info_util
+except ImportError:  # pragma: no cover - future JAX
+    _source_info_util = None
+
+Literal = jex_core.Literal
+Var = jex_core.Var
+ClosedJaxpr = jex_core.ClosedJaxpr
+Jaxpr = jex_core.Jaxpr
+
+# Primitives whose body is inlined into the graph: a nested jit, custom
+# derivative rules (their primal body is what runs), and remat.
+INLINED_PRIMITIVES: dict[str, tuple[str, ...]] = {
+    "jit": ("jaxpr",),
+    "pjit": ("jaxpr",),
+    "closed_call": ("call_jaxpr",),
+    "core_call": ("call_jaxpr",),
+    "custom_jvp_call": ("call_jaxpr",),
+    "custom_vjp_call": ("call_jaxpr", "fun_jaxpr"),
+    "custom_vjp_call_jaxpr": ("fun_jaxpr", "call_jaxpr"),
+    "remat2": ("jaxpr",),
+    "checkpoint": ("jaxpr",),
+    "custom_lin": (),
+}
+
+
+def is_literal(atom: Any) -> bool:
+    return isinstance(atom, Literal)
+
+
+def literal_value(atom: Any) -> Any:
+    return atom.val
+
+
+def inline_body(eqn) -> tuple[Jaxpr, list[Any]] | None:
+    """The body of an inlinable equation as (jaxpr, consts), or None."""
+    keys = INLINED_PRIMITIVES.get(eqn.primitive.name)
+    if not keys:
+        return None
+    for key in keys:
+        body = eqn.params.get(key)
+        if body is None:
+            continue
+        if isinstance(body, ClosedJaxpr):
+            return body.jaxpr, list(body.consts)
+        if isinstance(body, Jaxpr):
+            return body, []
+    return None
+
+
+def subjaxprs(eqn) -> list[Any]:
+    """Sub-jaxprs of an equation that autoplan does not inline (scan, cond, while...)."""
+    found = []
+    for value in eqn.params.values():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, (ClosedJaxpr, Jaxpr)):
+                found.append(v)
+    return found
+
+
+def name_stack(eqn) -> str:
+    return str(eqn.source_info.name_stack)
+
+
+def source_summary(source_info) -> str:
+    """'file.py:123 (function)' for the user frame that created an equation."""
+    if _source_info_util is None or source_info is None:
+        return "<unknown source>"
+    try:
+        text = _source_info_util.summarize(source_info)
+    except Exception:  # noqa: BLE001 - best effort, never fail planning over a source line
+        return "<unknown source>"
+    return re.sub(r":(\d+):\d+ ", r":\1 ", text)
+
+
+def aval_shape_dtype(atom: Any) -> tuple[tuple[int, ...], str]:
+    aval = atom.aval
+    shape = tuple(int(d) for d in getattr(aval, "shape", ()))
+    dtype = str(getattr(aval, "dtype", "float32"))
+    return shape, dtype
+
+
+def make_jaxpr(fn, *args, static_argnums=()):
+    """``jax.make_jaxpr`` that also returns the output pytree structure."""
+    return jax.make_jaxpr(fn, static_argnums=static_argnums, return_shape=True)(*args)
+
+
+def hashable_params(params: dict[str, Any]) -> tuple:
+    """A hashable, deterministic key of an equation's parameters (for caching rules)."""
+    items = []
+    for key in sorted(params):
+        value = params[key]
+        if isinstance(value, (ClosedJaxpr, Jaxpr)):
+            value = ("jaxpr", id(value))
+        else:
+            try:
+                hash(value)
+            except TypeError:
+                value = repr(value)
+        items.append((key, value))
+    return tuple(items)

@@ -1,0 +1,573 @@
+"""Intra-operator pass: pick one sharding strategy per operator with an ILP.
+
+The problem follows Alpa: a one-hot choice per operator, a resharding cost per
+edge (linearized with edge variables whose rows and columns sum to the two
+choices), a per-device memory constraint at the liveness peaks, and
+parameters tied to their updated outputs so the step can donate them.
+
+Two reductions keep the ILP small enough to solve in seconds:
+
+* *followers*: light operators (elementwise, layout, broadcast, reduce) take
+  the layout of their largest operand from the same layer and share its
+  variable;
+* *identical layers*: layers whose sub-graphs (forward, backward, optimizer
+  update, parameters) are structurally equal share variables, so a 48-layer
+  model costs about as much to plan as a 2-layer one.  The objective still
+  counts every operator and edge of every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from autoplan._src import graph as G
+from autoplan._src.strategies import base as S
+
+# Operators that follow an operand's layout rather than getting their own choice.
+FOLLOWERS = frozenset(
+    set(__import__("autoplan._src.strategies.core", fromlist=["ELEMENTWISE"]).ELEMENTWISE)
+    | {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "reduce_sum", "reduce_max",
+       "reduce_min", "reduce_prod", "cumsum", "argmax", "argmin"})
+
+
+SCALE = 1e9
+
+
+class PlanningError(ValueError):
+    """No plan satisfies the request (e.g. the memory budget is too small)."""
+
+
+class PlanningTimeoutWarning(UserWarning):
+    """The ILP hit its time limit; the best plan found so far is returned."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SolveOptions:
+    memory_budget: float | None = None  # bytes per device; None: no memory constraint
+    time_limit: float = 60.0
+    merge_followers: bool = True
+    tie_layers: bool = True
+    # Op id -> allowed specs of its first output (inputs) or operand (outputs): baselines pin layouts.
+    pinned: Mapping[int, Sequence[S.Spec]] = dataclasses.field(default_factory=dict)
+    num_workers: int = 1
+    memory_points: int = 8
+    solver_params: Mapping[str, object] | None = None
+
+
+@dataclasses.dataclass(kw_only=True, slots=True, eq=False)
+class Problem:
+    """The ILP in variable space, built from a graph and its strategies."""
+
+    graph: G.Graph
+    ctx: S.Context
+    strategies: list[list[S.Strategy]]  # per op
+    op_var: np.ndarray  # op id -> variable id
+    op_map: list[np.ndarray]  # op id -> strategy index of the op for each choice of its variable
+    num_choices: list[int]  # per variable
+    node_cost: list[np.ndarray]  # per variable, seconds
+    edge_cost: dict[tuple[int, int], np.ndarray]  # (var a, var b) -> seconds matrix
+    allowed: list[np.ndarray | None]  # per variable: boolean mask of allowed choices (pins)
+    build_seconds: float = 0.0
+
+    @property
+    def num_vars(self) -> int:
+        return len(self.num_choices)
+
+
+def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
+    cache: dict[tuple, list[S.Strategy]] = {}
+    warned: set[str] = set()
+    out = []
+    for op in graph.ops:
+        key = op.signature
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = S.strategies_for(op, ctx, warned)
+        out.append(found)
+    return out
+
+
+def _strategy_index(strategies: list[S.Strategy]) -> dict[tuple, int]:
+    return {(s.output_specs, s.input_specs): i for i, s in enumerate(strategies)}
+
+
+def _follow_map(op: G.Op, k: int, prod_strats: list[S.Strategy], out_index: int,
+                own: list[S.Strategy]) -> np.ndarray | None:
+    """For each producer strategy, the cheapest own strategy taking operand k as produced; None if any misses."""
+    best: dict[S.Spec, int] = {}
+    for j, s in enumerate(own):
+        spec = s.input_specs[k]
+        if spec is None:
+            continue
+        if spec not in best or s.seconds < own[best[spec]].seconds:
+            best[spec] = j
+    result = np.empty(len(prod_strats), dtype=np.int64)
+    for i, ps in enumerate(prod_strats):
+        j = best.get(ps.output_specs[out_index])
+        if j is None:
+            return None
+        result[i] = j
+    return result
+
+
+def _layer_signatures(graph: G.Graph) -> dict[str, tuple]:
+    members: dict[str, list[int]] = defaultdict(list)
+    for op in graph.ops:
+        members[op.layer].append(op.id)
+    sigs = {}
+    for layer, ids in members.items():
+        local = {op_id: i for i, op_id in enumerate(ids)}
+        items = []
+        for op_id in ids:
+            op = graph.ops[op_id]
+            links = []
+            for t in op.inputs:
+                if t == G.LITERAL:
+                    links.append(None)
+                    continue
+                tensor = graph.tensors[t]
+                links.append((local.get(tensor.producer, -1), tensor.output_index))
+            items.append((op.signature, op.role, tuple(links)))
+        sigs[layer] = (tuple(items), tuple(ids))
+    return sigs
+
+
+def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveOptions()) -> Problem:
+    start = time.perf_counter()
+    ops = graph.ops
+    strategies = _op_strategies(graph, ctx)
+    n_ops = len(ops)
+    root = np.arange(n_ops)  # op -> op whose variable it shares
+    maps: list[np.ndarray | None] = [None] * n_ops  # op strategy index per root choice
+
+    # 1. Followers share their operand's producer variable.
+    if options.merge_followers:
+        for op in ops:
+            if op.primitive not in FOLLOWERS or op.id in options.pinned:
+                continue
+            candidates = []
+            for k, t in enumerate(op.inputs):
+                if t == G.LITERAL:
+                    continue
+                tensor = graph.tensors[t]
+                producer = ops[tensor.producer]
+                if producer.layer != op.layer or producer.role == G.OUTPUT:
+                    continue
+                candidates.append((-tensor.size, k, tensor))
+            for _, k, tensor in sorted(candidates, key=lambda c: (c[0], c[1])):
+                p = tensor.producer
+                fmap = _follow_map(op, k, strategies[p], tensor.output_index, strategies[op.id])
+                if fmap is None:
+                    continue
+                r = root[p]
+                base = maps[p] if maps[p] is not None else np.arange(len(strategies[p]))
+                root[op.id] = r
+                maps[op.id] = fmap[base]
+                break
+
+    # 2. Updated outputs share the variable of the input they update (same spec list, same order).
+    for out_leaf, in_leaf in graph.aliases.items():
+        out_op, in_op = graph.output_ops[out_leaf], graph.input_ops[in_leaf]
+        root[out_op] = root[in_op]
+        maps[out_op] = maps[in_op]
+
+    # 3. Structurally identical layers share variables position by position.
+    if options.tie_layers:
+        groups: dict[tuple, list[tuple[int, ...]]] = defaultdict(list)
+        for layer, (sig, ids) in _layer_signatures(graph).items():
+            if layer:
+                groups[sig].append(ids)
+        for members in groups.values():
+            first = members[0]
+            for ids in members[1:]:
+                for op_id, target in zip(ids, first):
+                    # Followers and aliases already point at a root of their own layer.
+                    if root[op_id] != op_id or root[target] != target:
+                        continue
+                    if op_id in options.pinned or target in options.pinned:
+                        continue
+                    root[op_id] = target
+                    maps[op_id] = None
+
+    # Resolve roots transitively (followers of tied roots, tied alias roots...).
+    for op_id in range(n_ops):
+        r = root[op_id]
+        m = maps[op_id]
+        while root[r] != r:
+            rm = maps[r]
+            m = m[rm] if (m is not None and rm is not None) else (rm if m is None else m)
+            r = root[r]
+        root[op_id] = r
+        maps[op_id] = m
+
+    var_of_root: dict[int, int] = {}
+    op_var = np.empty(n_ops, dtype=np.int64)
+    num_choices: list[int] = []
+    for op_id in range(n_ops):
+        r = int(root[op_id])
+        if r not in var_of_root:
+            var_of_root[r] = len(num_choices)
+            num_choices.append(len(strategies[r]))
+        op_var[op_id] = var_of_root[r]
+    op_map = [maps[i] if maps[i] is not None else np.arange(num_choices[op_var[i]]) for i in range(n_ops)]
+
+    # Node costs.
+    cost_cache: dict[int, np.ndarray] = {}
+    node_cost = [np.zeros(n) for n in num_choices]
+    for op_id in range(n_ops):
+        sid = id(strategies[op_id])
+        vec = cost_cache.get(sid)
+        if vec is None:
+            vec = cost_cache[sid] = np.array([s.seconds for s in strategies[op_id]])
+        node_cost[op_var[op_id]] += vec[op_map[op_id]]
+
+    # Edge costs.
+    matrix_cache: dict[tuple, np.ndarray] = {}
+    edge_cost: dict[tuple[int, int], np.ndarray] = {}
+    for op in ops:
+        vb = op_var[op.id]
+        for k, t in enumerate(op.inputs):
+            if t == G.LITERAL:
+                continue
+            tensor = graph.tensors[t]
+            a = tensor.producer
+            key = (id(strategies[a]), tensor.output_index, id(strategies[op.id]), k, tensor.shape, tensor.dtype)
+            mat = matrix_cache.get(key)
+            if mat is None:
+                src = [s.output_specs[tensor.output_index] for s in strategies[a]]
+                dst = [s.input_specs[k] for s in strategies[op.id]]
+                mat = matrix_cache[key] = S.reshard_matrix(src, dst, tensor.shape, tensor.dtype, ctx)
+            if not mat.any():
+                continue
+            va = op_var[a]
+            sub = mat[np.ix_(op_map[a], op_map[op.id])]
+            if va == vb:
+                node_cost[va] += np.diagonal(sub)
+            elif (va, vb) in edge_cost:
+                edge_cost[(va, vb)] += sub
+            elif (vb, va) in edge_cost:
+                edge_cost[(vb, va)] += sub.T
+            else:
+                edge_cost[(va, vb)] = sub.copy()
+
+    allowed: list[np.ndarray | None] = [None] * len(num_choices)
+    for op_id, specs in options.pinned.items():
+        op = ops[op_id]
+        strategies_op = strategies[op_id]
+        specs = set(specs)
+        if op.role == G.OUTPUT:
+            ok = np.array([s.input_specs[0] in specs for s in strategies_op])
+        else:
+            ok = np.array([s.output_specs[0] in specs for s in strategies_op])
+        mask = ok[op_map[op_id]]
+        v = op_var[op_id]
+        allowed[v] = mask if allowed[v] is None else (allowed[v] & mask)
+    for v, mask in enumerate(allowed):
+        if mask is not None and not mask.any():
+            names = [ops[i].path or ops[i].label for i in np.nonzero(op_var == v)[0][:3]]
+            raise PlanningError(f"pinned layouts for {names} leave no valid strategy (shape not divisible?)")
+
+    return Problem(graph=graph, ctx=ctx, strategies=strategies, op_var=op_var, op_map=op_map,
+                   num_choices=num_choices, node_cost=node_cost, edge_cost=edge_cost, allowed=allowed,
+                   build_seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------
+# Memory: per-device bytes of live tensors at a point of the schedule.
+
+
+def _tensor_bytes_vectors(problem: Problem) -> list[np.ndarray | None]:
+    """Per tensor: per-device bytes for each choice of its producer's variable."""
+    graph, ctx = problem.graph, problem.ctx
+    cache: dict[tuple, np.ndarray] = {}
+    out: list[np.ndarray | None] = []
+    for tensor in graph.tensors:
+        producer = tensor.producer
+        strategies = problem.strategies[producer]
+        key = (id(strategies), tensor.output_index, tensor.nbytes)
+        vec = cache.get(key)
+        if vec is None:
+            vec = cache[key] = np.array([tensor.nbytes / ctx.shards(s.output_specs[tensor.output_index])
+                                         for s in strategies])
+        out.append(vec[problem.op_map[producer]])
+    return out
+
+
+def live_intervals(graph: G.Graph) -> list[tuple[int, int]]:
+    """(first, last) op index at which each tensor occupies memory."""
+    end = len(graph.ops)
+    intervals = []
+    for tensor in graph.tensors:
+        first = 0 if graph.ops[tensor.producer].role in (G.INPUT, G.CONSTANT) else tensor.producer
+        last = graph.last_use[tensor.id]
+        if graph.consumers[tensor.id] and any(graph.ops[c].role == G.OUTPUT for c, _ in graph.consumers[tensor.id]):
+            last = end
+        intervals.append((first, last))
+    return intervals
+
+
+def memory_profile(problem: Problem, choice: np.ndarray) -> np.ndarray:
+    """Per-device live bytes at every op index under a choice per variable."""
+    graph = problem.graph
+    vectors = _tensor_bytes_vectors(problem)
+    delta = np.zeros(len(graph.ops) + 2)
+    for tensor, (first, last) in zip(graph.tensors, live_intervals(graph)):
+        nbytes = vectors[tensor.id][choice[problem.op_var[tensor.producer]]]
+        delta[first] += nbytes
+        delta[last + 1] -= nbytes
+    return np.cumsum(delta)[: len(graph.ops) + 1]
+
+
+def _memory_terms(problem: Problem, point: int, vectors, intervals) -> dict[int, np.ndarray]:
+    terms: dict[int, np.ndarray] = {}
+    for tensor, (first, last) in zip(problem.graph.tensors, intervals):
+        if first <= point <= last:
+            v = problem.op_var[tensor.producer]
+            vec = vectors[tensor.id]
+            terms[v] = terms[v] + vec if v in terms else vec.copy()
+    return terms
+
+
+def _candidate_points(problem: Problem, count: int, intervals) -> list[int]:
+    """Points where the replicated and the fully sharded live bytes peak."""
+    graph = problem.graph
+    n = len(graph.ops) + 1
+    points = []
+    for mode in (0, 1):
+        delta = np.zeros(n + 1)
+        for tensor, (first, last) in zip(graph.tensors, intervals):
+            b = tensor.nbytes if mode == 0 else tensor.nbytes / problem.ctx.mesh.size
+            delta[first] += b
+            delta[last + 1] -= b
+        profile = np.cumsum(delta)[:n]
+        points.extend(int(i) for i in np.argsort(-profile, kind="stable")[:count])
+    return sorted(set(points))
+
+
+# ---------------------------------------------------------------------------
+# Solving.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Solution:
+    choice: np.ndarray  # per variable
+    op_strategy: np.ndarray  # per op: index into problem.strategies[op]
+    objective_seconds: float
+    peak_memory: float
+    status: str  # "optimal" | "feasible"
+    solve_seconds: float
+    num_vars: int
+    num_edges: int
+
+
+def objective_of(problem: Problem, choice: np.ndarray) -> float:
+    total = sum(float(c[choice[v]]) for v, c in enumerate(problem.node_cost))
+    total += sum(float(m[choice[a], choice[b]]) for (a, b), m in problem.edge_cost.items())
+    return total
+
+
+def greedy_choice(problem: Problem) -> np.ndarray:
+    """Warm start: each variable, in graph order, takes its cheapest choice given earlier ones."""
+    first_op = np.full(problem.num_vars, np.iinfo(np.int64).max)
+    np.minimum.at(first_op, problem.op_var, np.arange(len(problem.op_var)))
+    order = np.argsort(first_op, kind="stable")
+    neighbors: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (a, b), m in problem.edge_cost.items():
+        neighbors[a].append((b, m))
+        neighbors[b].append((a, m.T))
+    choice = np.full(problem.num_vars, -1, dtype=np.int64)
+    for v in order:
+        cost = problem.node_cost[v].copy()
+        for u, m in neighbors[v]:
+            if choice[u] >= 0:
+                cost += m[:, choice[u]]
+        if problem.allowed[v] is not None:
+            cost[~problem.allowed[v]] = np.inf
+        choice[v] = int(np.argmin(cost))
+    return improve_locally(problem, choice, neighbors)
+
+
+def improve_locally(problem: Problem, choice: np.ndarray, neighbors=None, rounds: int = 20) -> np.ndarray:
+    """Iterated conditional modes: re-pick each variable given its neighbours until nothing improves."""
+    if neighbors is None:
+        neighbors = defaultdict(list)
+        for (a, b), m in problem.edge_cost.items():
+            neighbors[a].append((b, m))
+            neighbors[b].append((a, m.T))
+    choice = choice.copy()
+    for _ in range(rounds):
+        changed = False
+        for v in range(problem.num_vars):
+            cost = problem.node_cost[v].copy()
+            for u, m in neighbors[v]:
+                cost += m[:, choice[u]]
+            if problem.allowed[v] is not None:
+                cost[~problem.allowed[v]] = np.inf
+            best = int(np.argmin(cost))
+            if cost[best] < cost[choice[v]] - 1e-15:
+                choice[v] = best
+                changed = True
+        if not changed:
+            break
+    return choice
+
+
+def solve(problem: Problem, options: SolveOptions = SolveOptions()) -> Solution:
+    start = time.perf_counter()
+    vectors = _tensor_bytes_vectors(problem)
+    intervals = live_intervals(problem.graph)
+    budget = options.memory_budget
+    points = _candidate_points(problem, options.memory_points, intervals) if budget is not None else []
+    hint = greedy_choice(problem)
+    status = "optimal"
+    for _ in range(8):
+        choice, status = _solve_once(problem, options, points, vectors, intervals, hint, minimize_memory=False)
+        if choice is None:
+            need = minimum_memory(problem, options, vectors, intervals)
+            raise PlanningError(
+                f"no plan fits the memory budget of {_gib(budget)} per device: the plan using the least "
+                f"memory needs {_gib(need)} per device. Raise memory_budget, use more devices, or shrink "
+                "the batch.")
+        if budget is None:
+            break
+        profile = memory_profile(problem, choice)
+        worst = int(np.argmax(profile))
+        if profile[worst] <= budget * (1 + 1e-9) or worst in points:
+            break
+        points = sorted(set(points) | {worst})
+        hint = choice
+    profile = memory_profile(problem, choice)
+    op_strategy = np.array([problem.op_map[i][choice[problem.op_var[i]]] for i in range(len(problem.op_var))])
+    return Solution(choice=choice, op_strategy=op_strategy, objective_seconds=objective_of(problem, choice),
+                    peak_memory=float(profile.max()), status=status, solve_seconds=time.perf_counter() - start,
+                    num_vars=problem.num_vars, num_edges=len(problem.edge_cost))
+
+
+def _gib(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "unbounded"
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def _solve_once(problem: Problem, options: SolveOptions, points, vectors, intervals, hint, *,
+                minimize_memory: bool):
+    model = cp_model.CpModel()
+    x = []
+    for v, n in enumerate(problem.num_choices):
+        lits = [model.NewBoolVar(f"x{v}_{i}") for i in range(n)]
+        model.AddExactlyOne(lits)
+        if problem.allowed[v] is not None:
+            for i in np.nonzero(~problem.allowed[v])[0]:
+                model.Add(lits[int(i)] == 0)
+        x.append(lits)
+    # Scale seconds to integers.
+    upper = sum(float(c.max()) for c in problem.node_cost) + sum(float(m.max()) for m in problem.edge_cost.values())
+    scale = SCALE / upper if upper > 0 else 1.0
+    objective = []
+    for v, c in enumerate(problem.node_cost):
+        base = float(c.min())
+        for i, value in enumerate(c):
+            coef = int(round((value - base) * scale))
+            if coef:
+                objective.append(coef * x[v][i])
+    for (a, b), m in problem.edge_cost.items():
+        # Choices with equal rows (columns) of the cost matrix form one class: fewer edge variables.
+        rows, row_class = np.unique(m, axis=0, return_inverse=True)
+        cols, col_class = np.unique(rows, axis=1, return_inverse=True)
+        row_class, col_class = row_class.reshape(-1), col_class.reshape(-1)
+        row_sum = [[] for _ in range(cols.shape[0])]
+        for i, r in enumerate(row_class):
+            row_sum[r].append(x[a][i])
+        col_sum = [[] for _ in range(cols.shape[1])]
+        for j, c in enumerate(col_class):
+            col_sum[c].append(x[b][j])
+        e = [[model.NewBoolVar("") for _ in range(cols.shape[1])] for _ in range(cols.shape[0])]
+        for r in range(cols.shape[0]):
+            model.Add(sum(e[r]) == sum(row_sum[r]))
+        for c in range(cols.shape[1]):
+            model.Add(sum(e[r][c] for r in range(cols.shape[0])) == sum(col_sum[c]))
+        for r in range(cols.shape[0]):
+            for c in range(cols.shape[1]):
+                coef = int(round(float(cols[r, c]) * scale))
+                if coef:
+                    objective.append(coef * e[r][c])
+    mem_unit = max(1.0, (options.memory_budget or 1.0) / 1e7)
+    mem_exprs = []
+    for point in points:
+        terms = _memory_terms(problem, point, vectors, intervals)
+        expr = []
+        for v, vec in terms.items():
+            for i, b in enumerate(vec):
+                q = int(math.ceil(b / mem_unit))
+                if q:
+                    expr.append(q * x[v][i])
+        mem_exprs.append(expr)
+    if minimize_memory:
+        peak = model.NewIntVar(0, 1 << 50, "peak")
+        for expr in mem_exprs:
+            model.Add(sum(expr) <= peak)
+        model.Minimize(peak)
+    else:
+        limit = int(math.floor(options.memory_budget / mem_unit)) if options.memory_budget is not None else None
+        for expr in mem_exprs:
+            model.Add(sum(expr) <= limit)
+        model.Minimize(sum(objective))
+    for v, lits in enumerate(x):
+        for i, lit in enumerate(lits):
+            model.AddHint(lit, int(hint[v] == i))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = options.time_limit
+    solver.parameters.num_workers = options.num_workers
+    solver.parameters.random_seed = 0
+    # One worker keeps plans deterministic; a stronger LP relaxation proves optimality fast.
+    solver.parameters.linearization_level = 2
+    for key, value in (options.solver_params or {}).items():
+        setattr(solver.parameters, key, value)
+    result = solver.Solve(model)
+    if result not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if result == cp_model.UNKNOWN:
+            raise PlanningError(f"the ILP found no plan within its {options.time_limit:.0f} s time limit; "
+                                "raise time_limit")
+        return None, "infeasible"
+    status = "optimal" if result == cp_model.OPTIMAL else "feasible"
+    if status == "feasible" and not minimize_memory:
+        warnings.warn(f"autoplan: the ILP hit its {options.time_limit:.0f} s time limit; returning the best plan "
+                      f"found (within {100 * _gap(solver):.1f}% of the bound). Raise time_limit for a better plan.",
+                      PlanningTimeoutWarning, stacklevel=4)
+    choice = np.array([next(i for i, lit in enumerate(lits) if solver.Value(lit)) for lits in x], dtype=np.int64)
+    if minimize_memory:
+        return choice, float(solver.Value(peak)) * mem_unit
+    return choice, status
+
+
+def _gap(solver) -> float:
+    obj, bound = solver.ObjectiveValue(), solver.BestObjectiveBound()
+    return abs(obj - bound) / max(abs(obj), 1e-12)
+
+
+def minimum_memory(problem: Problem, options: SolveOptions, vectors=None, intervals=None) -> float:
+    """Smallest per-device peak any plan reaches (at the candidate points, refined until exact)."""
+    vectors = vectors or _tensor_bytes_vectors(problem)
+    intervals = intervals or live_intervals(problem.graph)
+    points = _candidate_points(problem, options.memory_points, intervals)
+    hint = greedy_choice(problem)
+    for _ in range(8):
+        choice, _ = _solve_once(problem, dataclasses.replace(options, memory_budget=None), points, vectors,
+                                intervals, hint, minimize_memory=True)
+        profile = memory_profile(problem, choice)
+        worst = int(np.argmax(profile))
+        if worst in points:
+            break
+        points = sorted(set(points) | {worst})
+        hint = choice
+    return float(memory_profile(problem, choice).max())
