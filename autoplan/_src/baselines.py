@@ -66,7 +66,7 @@ class _Setup:
 
     def split_largest(self, shape: Sequence[int], axes: Sequence[str]) -> S.Spec:
         """Split the largest dim that the axes divide (ZeRO's flat partition, per tensor)."""
-        axes = tuple(axes)
+        axes = tuple(a for a in axes if self.mesh.axis_size(a) > 1)  # size-1 axes split nothing
         n = self.mesh.axis_size(axes)
         for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
             if shape[d] % n == 0 and n > 1:
@@ -181,6 +181,9 @@ def _megatron_specs(s: _Setup, axis: str) -> dict[int, S.Spec]:
     parity: dict[str, int] = {}
     for i in sorted(s.params, key=lambda i: first_use[i]):
         shape = s.shape(i)
+        if n <= 1:  # a size-1 model axis splits nothing
+            specs[i] = S.replicated(len(shape))
+            continue
         path = graph.input_paths[i]
         layer = graph.ops[graph.input_ops[i]].layer
         spec = S.replicated(len(shape))
@@ -197,7 +200,7 @@ def _megatron_specs(s: _Setup, axis: str) -> dict[int, S.Spec]:
         specs[i] = spec
     for i in s.params:
         shape = s.shape(i)
-        if len(shape) == 1 and graph.input_paths[i].rsplit("/", 1)[0] in column_modules and shape[0] % n == 0:
+        if n > 1 and len(shape) == 1 and graph.input_paths[i].rsplit("/", 1)[0] in column_modules and shape[0] % n == 0:
             specs[i] = ((axis,),)
     for i in s.opt:
         p = s.param_of(i)

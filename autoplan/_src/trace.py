@@ -87,12 +87,16 @@ def layer_of(name_stack: str) -> str:
     """The layer a name stack belongs to.
 
     The first module below the root whose name ends in a number (``block3``,
-    ``layers_3``), else the first module below the root, else the root.
+    ``layers_3``), else the first module below the root.  Operators of the root
+    module itself (an activation between two blocks) get no layer here and
+    later join the layer of their largest operand.
 
     >>> layer_of("transpose(jvp(GPT))/block3/mlp_in")
     'block3'
     >>> layer_of("jvp(GPT)/ln_f")
     'ln_f'
+    >>> layer_of("jvp(MLP)")
+    ''
     """
     components = [c for c in (_strip_transforms(p) for p in name_stack.split("/")) if c]
     if not components:
@@ -101,7 +105,7 @@ def layer_of(name_stack: str) -> str:
     for component in below_root:
         if _INDEXED.match(component):
             return component
-    return below_root[0] if below_root else components[0]
+    return below_root[0] if below_root else ""
 
 
 class _Builder:

@@ -171,8 +171,22 @@ def strategies_for(op: G.Op, ctx: Context, warned: set[str] | None = None) -> li
         return [replicated_strategy(op, ctx)]
     result = rule(op, ctx)
     if not result:
-        return [replicated_strategy(op, ctx)]
+        result = [replicated_strategy(op, ctx)]
+    if op.role not in (G.INPUT, G.OUTPUT, G.CONSTANT):
+        result = [with_memory_traffic(s, op, ctx) for s in result]
     return _dedupe(result)
+
+
+def with_memory_traffic(strategy: Strategy, op: G.Op, ctx: Context) -> Strategy:
+    """Roofline: an operator takes at least the time to read its operands and write its results."""
+    traffic = sum(ctx.device_bytes(shape, dtype, spec) for shape, dtype, spec, t in
+                  zip(op.input_shapes, op.input_dtypes, strategy.input_specs, op.inputs) if t != G.LITERAL)
+    traffic += sum(ctx.device_bytes(shape, dtype, spec) for shape, dtype, spec in
+                   zip(op.output_shapes, op.output_dtypes, strategy.output_specs))
+    seconds = traffic / ctx.cluster.memory_bandwidth
+    if seconds <= strategy.compute_seconds:
+        return strategy
+    return dataclasses.replace(strategy, compute_seconds=seconds)
 
 
 def _dedupe(strategies: list[Strategy]) -> list[Strategy]:
