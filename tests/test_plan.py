@@ -150,3 +150,14 @@ def test_bad_cluster_and_mesh_arguments():
         autoplan.plan(spec.train_step, *args, mesh=MESH, cluster="nope")
     with pytest.raises(ValueError, match="either mesh= or num_devices="):
         autoplan.plan(spec.train_step, *args, mesh=MESH, num_devices=8)
+
+
+def test_three_axis_mesh_plans():
+    spec = autoplan.models.get("mlp-tiny")
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), ("pod", "data", "model"))
+    plan = autoplan.plan(spec.train_step, *spec.abstract_state(), spec.abstract_batch(), mesh=mesh,
+                         cluster="a100-8x")
+    assert plan.mesh.axis_names == ("pod", "data", "model")
+    dp = autoplan.baselines.data_parallel(spec.train_step, *spec.abstract_state(), spec.abstract_batch(),
+                                          mesh=mesh, cluster="a100-8x")
+    assert plan.cost.step_seconds <= dp.cost.step_seconds * (1 + 1e-9)

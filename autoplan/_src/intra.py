@@ -30,10 +30,11 @@ from ortools.sat.python import cp_model
 
 from autoplan._src import graph as G
 from autoplan._src.strategies import base as S
+from autoplan._src.strategies.core import ELEMENTWISE
 
 # Operators that follow an operand's layout rather than getting their own choice.
 FOLLOWERS = frozenset(
-    set(__import__("autoplan._src.strategies.core", fromlist=["ELEMENTWISE"]).ELEMENTWISE)
+    set(ELEMENTWISE)
     | {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "reduce_sum", "reduce_max",
        "reduce_min", "reduce_prod", "cumsum", "argmax", "argmin"})
 
