@@ -63,17 +63,6 @@ def inline_body(eqn) -> tuple[Jaxpr, list[Any]] | None:
     return None
 
 
-def subjaxprs(eqn) -> list[Any]:
-    """Sub-jaxprs of an equation that autoplan does not inline (scan, cond, while...)."""
-    found = []
-    for value in eqn.params.values():
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        for v in values:
-            if isinstance(v, (ClosedJaxpr, Jaxpr)):
-                found.append(v)
-    return found
-
-
 def name_stack(eqn) -> str:
     return str(eqn.source_info.name_stack)
 

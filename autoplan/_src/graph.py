@@ -130,8 +130,3 @@ class Graph:
     def __repr__(self) -> str:
         return self.summary()
 
-    def input_leaf(self, path: str) -> int:
-        try:
-            return self.input_paths.index(path)
-        except ValueError:
-            raise KeyError(f"no input leaf {path!r}; inputs are e.g. {self.input_paths[:5]}") from None

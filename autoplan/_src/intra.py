@@ -96,10 +96,6 @@ def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
     return out
 
 
-def _strategy_index(strategies: list[S.Strategy]) -> dict[tuple, int]:
-    return {(s.output_specs, s.input_specs): i for i, s in enumerate(strategies)}
-
-
 def _follow_map(op: G.Op, k: int, prod_strats: list[S.Strategy], out_index: int,
                 own: list[S.Strategy]) -> np.ndarray | None:
     """For each producer strategy, the cheapest own strategy taking operand k as produced; None if any misses."""

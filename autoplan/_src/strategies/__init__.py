@@ -3,6 +3,6 @@
 from autoplan._src.strategies import core as core  # noqa: F401  (registers rules)
 from autoplan._src.strategies.base import (  # noqa: F401
     Collective, Context, Spec, Strategy, StrategyRule, UnsupportedPrimitiveWarning, enumerate_specs,
-    from_partition_spec, register_strategy, registered, replicated, reshard_collectives, reshard_matrix,
+    register_strategy, registered, replicated, reshard_collectives, reshard_matrix,
     reshard_seconds, spec_name, strategies_for, to_partition_spec)
 from autoplan._src.strategies import conv as conv, indexing as indexing  # noqa: F401

@@ -262,21 +262,6 @@ def to_partition_spec(spec: Spec):
     return jax.sharding.PartitionSpec(*entries)
 
 
-def from_partition_spec(pspec, rank: int) -> Spec:
-    entries = list(pspec) + [None] * (rank - len(pspec))
-    if len(entries) > rank:
-        raise ValueError(f"PartitionSpec {pspec} has more entries than the array's rank {rank}")
-    out = []
-    for e in entries:
-        if e is None:
-            out.append(())
-        elif isinstance(e, str):
-            out.append((e,))
-        else:
-            out.append(tuple(e))
-    return tuple(out)
-
-
 # ---------------------------------------------------------------------------
 # Resharding: what it costs to turn one spec of a tensor into another.
 
