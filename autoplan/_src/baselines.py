@@ -168,6 +168,8 @@ def _megatron_specs(s: _Setup, axis: str) -> dict[int, S.Spec]:
     by vocabulary; everything else is replicated."""
     graph = s.graph
     n = s.mesh.axis_size(axis)
+    if n <= 1:  # a size-1 model axis splits nothing
+        return {i: S.replicated(len(s.shape(i))) for i in s.params + s.opt}
     first_use = {}
     gathered = set()
     for i in s.params:
@@ -181,9 +183,6 @@ def _megatron_specs(s: _Setup, axis: str) -> dict[int, S.Spec]:
     parity: dict[str, int] = {}
     for i in sorted(s.params, key=lambda i: first_use[i]):
         shape = s.shape(i)
-        if n <= 1:  # a size-1 model axis splits nothing
-            specs[i] = S.replicated(len(shape))
-            continue
         path = graph.input_paths[i]
         layer = graph.ops[graph.input_ops[i]].layer
         spec = S.replicated(len(shape))
@@ -200,7 +199,7 @@ def _megatron_specs(s: _Setup, axis: str) -> dict[int, S.Spec]:
         specs[i] = spec
     for i in s.params:
         shape = s.shape(i)
-        if n > 1 and len(shape) == 1 and graph.input_paths[i].rsplit("/", 1)[0] in column_modules and shape[0] % n == 0:
+        if len(shape) == 1 and graph.input_paths[i].rsplit("/", 1)[0] in column_modules and shape[0] % n == 0:
             specs[i] = ((axis,),)
     for i in s.opt:
         p = s.param_of(i)

@@ -70,27 +70,33 @@ clusters: dict[str, Cluster] = {
     # 8x A100-80GB per node, NVLink 3 (300 GB/s per direction per GPU), 200 Gb/s HDR IB per GPU.
     "a100-8x": Cluster(
         name="a100-8x", device_flops=312e12, device_memory=80e9, devices_per_node=8,
-        intra_node_bandwidth=300e9, inter_node_bandwidth=25e9, latency=10e-6, device_power=400.0, memory_bandwidth=2.0e12),
+        intra_node_bandwidth=300e9, inter_node_bandwidth=25e9, latency=10e-6, device_power=400.0,
+        memory_bandwidth=2.0e12),
     # 8x H100-80GB SXM per node, NVLink 4 (450 GB/s per direction), 400 Gb/s NDR IB per GPU.
     "h100-8x": Cluster(
         name="h100-8x", device_flops=989e12, device_memory=80e9, devices_per_node=8,
-        intra_node_bandwidth=450e9, inter_node_bandwidth=50e9, latency=10e-6, device_power=700.0, memory_bandwidth=3.35e12),
+        intra_node_bandwidth=450e9, inter_node_bandwidth=50e9, latency=10e-6, device_power=700.0,
+        memory_bandwidth=3.35e12),
     # AWS p3.16xlarge: 8x V100-16GB, NVLink, 25 Gb/s between nodes (Alpa's testbed).
     "v100-8x": Cluster(
         name="v100-8x", device_flops=125e12, device_memory=16e9, devices_per_node=8,
-        intra_node_bandwidth=150e9, inter_node_bandwidth=25e9 / 8 / 8, latency=20e-6, device_power=300.0, memory_bandwidth=0.9e12),
+        intra_node_bandwidth=150e9, inter_node_bandwidth=25e9 / 8 / 8, latency=20e-6, device_power=300.0,
+        memory_bandwidth=0.9e12),
     # TPU v4: 4 chips per host, ICI between all chips of a slice.
     "tpu-v4": Cluster(
         name="tpu-v4", device_flops=275e12, device_memory=32e9, devices_per_node=4,
-        intra_node_bandwidth=135e9, inter_node_bandwidth=135e9, latency=5e-6, device_power=192.0, memory_bandwidth=1.2e12),
+        intra_node_bandwidth=135e9, inter_node_bandwidth=135e9, latency=5e-6, device_power=192.0,
+        memory_bandwidth=1.2e12),
     # TPU v5e: 8 chips per host, 16 GB HBM each.
     "tpu-v5e": Cluster(
         name="tpu-v5e", device_flops=197e12, device_memory=16e9, devices_per_node=8,
-        intra_node_bandwidth=100e9, inter_node_bandwidth=100e9, latency=5e-6, device_power=170.0, memory_bandwidth=0.82e12),
+        intra_node_bandwidth=100e9, inter_node_bandwidth=100e9, latency=5e-6, device_power=170.0,
+        memory_bandwidth=0.82e12),
     # The local CPU with fake devices: all in one node, memory-copy collectives.
     "cpu": Cluster(
         name="cpu", device_flops=50e9, device_memory=16e9, devices_per_node=1024,
-        intra_node_bandwidth=10e9, inter_node_bandwidth=10e9, latency=20e-6, device_power=100.0, memory_bandwidth=20e9),
+        intra_node_bandwidth=10e9, inter_node_bandwidth=10e9, latency=20e-6, device_power=100.0,
+        memory_bandwidth=20e9),
 }
 
 
@@ -263,6 +269,15 @@ def calibrate(mesh=None, *, nbytes: int = 1 << 22, repeats: int = 3) -> Cluster:
         matmul(a).block_until_ready()
     flops = 2 * n**3 * repeats / max(time.perf_counter() - start, 1e-9)
 
+    # Device memory bandwidth: one read and one write of a buffer per elementwise pass.
+    buffer = jnp.ones((nbytes // 4,), jnp.float32)
+    bump = jax.jit(lambda x: x + 1)
+    bump(buffer).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        bump(buffer).block_until_ready()
+    memory_bandwidth = 2 * nbytes * repeats / max(time.perf_counter() - start, 1e-9)
+
     bandwidth = 10e9
     if len(devices) > 1:
         mesh = mesh or jax.make_mesh((len(devices),), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -285,4 +300,4 @@ def calibrate(mesh=None, *, nbytes: int = 1 << 22, repeats: int = 3) -> Cluster:
     return Cluster(name=f"calibrated-{devices[0].platform}", device_flops=flops, device_memory=memory,
                    devices_per_node=len(devices), intra_node_bandwidth=bandwidth,
                    inter_node_bandwidth=bandwidth, latency=20e-6, device_power=100.0,
-                   memory_bandwidth=max(bandwidth, 1e9))
+                   memory_bandwidth=memory_bandwidth)

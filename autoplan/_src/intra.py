@@ -371,15 +371,21 @@ def objective_of(problem: Problem, choice: np.ndarray) -> float:
     return total
 
 
+def _neighbors(problem: Problem) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """Per variable: (neighbour, cost matrix with this variable's choices as rows)."""
+    neighbors: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (a, b), m in problem.edge_cost.items():
+        neighbors[a].append((b, m))
+        neighbors[b].append((a, m.T))
+    return neighbors
+
+
 def greedy_choice(problem: Problem) -> np.ndarray:
     """Warm start: each variable, in graph order, takes its cheapest choice given earlier ones."""
     first_op = np.full(problem.num_vars, np.iinfo(np.int64).max)
     np.minimum.at(first_op, problem.op_var, np.arange(len(problem.op_var)))
     order = np.argsort(first_op, kind="stable")
-    neighbors: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for (a, b), m in problem.edge_cost.items():
-        neighbors[a].append((b, m))
-        neighbors[b].append((a, m.T))
+    neighbors = _neighbors(problem)
     choice = np.full(problem.num_vars, -1, dtype=np.int64)
     for v in order:
         cost = problem.node_cost[v].copy()
@@ -395,10 +401,7 @@ def greedy_choice(problem: Problem) -> np.ndarray:
 def improve_locally(problem: Problem, choice: np.ndarray, neighbors=None, rounds: int = 20) -> np.ndarray:
     """Iterated conditional modes: re-pick each variable given its neighbours until nothing improves."""
     if neighbors is None:
-        neighbors = defaultdict(list)
-        for (a, b), m in problem.edge_cost.items():
-            neighbors[a].append((b, m))
-            neighbors[b].append((a, m.T))
+        neighbors = _neighbors(problem)
     choice = choice.copy()
     for _ in range(rounds):
         changed = False
@@ -427,10 +430,7 @@ def prune_dominated(problem: Problem, vectors) -> list[np.ndarray | None]:
     """
     n_vars = problem.num_vars
     allowed = [np.ones(n, bool) if a is None else a.copy() for n, a in zip(problem.num_choices, problem.allowed)]
-    neighbors: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for (a, b), m in problem.edge_cost.items():
-        neighbors[a].append((b, m))
-        neighbors[b].append((a, m.T))
+    neighbors = _neighbors(problem)
     produced: dict[int, list[np.ndarray]] = defaultdict(list)
     for tensor in problem.graph.tensors:
         produced[int(problem.op_var[tensor.producer])].append(vectors[tensor.id])
@@ -463,11 +463,8 @@ def prune_dominated(problem: Problem, vectors) -> list[np.ndarray | None]:
             mutual = dominated & dominated.T
             dominated &= ~mutual | (np.arange(len(live))[:, None] > np.arange(len(live))[None, :])
             drop = dominated.any(axis=1)
-            if drop.any():
-                # Never drop every choice; keep any choice that only loses to dropped ones in cycles.
-                keep_idx = live[~drop]
-                if len(keep_idx) == 0:
-                    continue
+            # Never drop every choice (tolerance can make near-equal choices beat each other in a cycle).
+            if drop.any() and not drop.all():
                 allowed[v][live[drop]] = False
                 changed = True
     return [a if not a.all() else None for a in allowed]

@@ -41,9 +41,12 @@ class LeafSharding:
     def partition_spec(self) -> jax.sharding.PartitionSpec:
         return S.to_partition_spec(self.spec)
 
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * G.itemsize(self.dtype)
+
     def device_bytes(self, mesh: C.MeshShape) -> float:
-        shards = int(np.prod([mesh.axis_size(a) if a else 1 for a in self.spec])) if self.spec else 1
-        return int(np.prod(self.shape)) * G.itemsize(self.dtype) / shards
+        return self.nbytes / int(np.prod([mesh.axis_size(axes) for axes in self.spec]))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -159,8 +162,9 @@ class Plan:
         leaf = matches[0]
         layer = next((c for c in leaf.path.split("/") if re.fullmatch(r".*\d+", c)), None)
         lines = [f"{leaf.path}: shape {leaf.shape} {leaf.dtype} -> {_pspec_str(leaf.spec)}",
-                 f"  per device: {_bytes(leaf.device_bytes(self.mesh))} of {_bytes(leaf.device_bytes(C.MeshShape(axis_names=(), axis_sizes=())))}"]
-        split = [f"dim {d} over {'x'.join(axes)} ({self.mesh.axis_size(axes)})" for d, axes in enumerate(leaf.spec) if axes]
+                 f"  per device: {_bytes(leaf.device_bytes(self.mesh))} of {_bytes(leaf.nbytes)}"]
+        split = [f"dim {d} over {'x'.join(axes)} ({self.mesh.axis_size(axes)})"
+                 for d, axes in enumerate(leaf.spec) if axes]
         lines.append("  split: " + (", ".join(split) if split else "replicated on every device"))
         related = [c for c in self.collectives if layer and c.where.split(" ")[0] == layer]
         if related:
@@ -206,7 +210,8 @@ class Plan:
         if top:
             lines.append("  largest:")
             for col in top:
-                lines.append(f"    {col.kind:<15} {_bytes(col.nbytes):>10} {_ms(col.seconds):>11}  {col.where}: {col.op}")
+                lines.append(f"    {col.kind:<15} {_bytes(col.nbytes):>10} {_ms(col.seconds):>11}  "
+                             f"{col.where}: {col.op}")
         return "\n".join(lines)
 
     def __str__(self) -> str:
