@@ -1,12 +1,16 @@
 """autoplan: the automatic parallelization planner for JAX."""
 
 from autoplan import baselines as baselines
+from autoplan import checkpoint as checkpoint
 from autoplan import models as models
 from autoplan._src.api import plan as plan
+from autoplan._src.autoparallel import AutoParallel as AutoParallel
+from autoplan._src.autoparallel import autoparallel as autoparallel
 from autoplan._src.cluster import Cluster as Cluster
 from autoplan._src.cluster import Cost as Cost
 from autoplan._src.cluster import calibrate as calibrate
 from autoplan._src.cluster import clusters as clusters
+from autoplan._src.emit import PlanMismatchError as PlanMismatchError
 from autoplan._src.intra import PlanningError as PlanningError
 from autoplan._src.intra import PlanningTimeoutWarning as PlanningTimeoutWarning
 from autoplan._src.plan import Plan as Plan

@@ -104,3 +104,30 @@ def hashable_params(params: dict[str, Any]) -> tuple:
                 value = repr(value)
         items.append((key, value))
     return tuple(items)
+
+
+def equation_context(eqn):
+    """The name stack and source location ``eqn`` was traced under, for re-evaluating it.
+
+    Re-binding an equation inside this context keeps the HLO metadata (op
+    names, source lines) that a direct ``jax.jit`` of the step would have.
+    """
+    import contextlib
+
+    if _source_info_util is None:  # pragma: no cover - future JAX
+        return contextlib.nullcontext()
+    name_stack = _source_info_util.current_name_stack() + eqn.source_info.name_stack
+    stack = contextlib.ExitStack()
+    stack.enter_context(_source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack))
+    manager = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if manager is not None:
+        stack.enter_context(manager)
+    return stack
+
+
+def bind_equation(eqn, invals: list[Any]) -> list[Any]:
+    """Evaluate one equation on (traced) values, as ``jax.core.eval_jaxpr`` does; always a list."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    with equation_context(eqn):
+        out = eqn.primitive.bind(*invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]

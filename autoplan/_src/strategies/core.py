@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from autoplan._src import graph as G
 from autoplan._src.strategies.base import (
-    Context, Spec, Strategy, assign_axes, enumerate_specs, register_strategy, replicated, spec_name)
+    Context, Spec, Strategy, assign_axes, enumerate_specs, register_strategy, replicated, replicated_strategy,
+    spec_name)
 
 # ---------------------------------------------------------------------------
 # Graph leaves: any layout, no work.  (Slicing a replicated constant is free.)
@@ -23,6 +24,12 @@ def leaf(op: G.Op, ctx: Context) -> list[Strategy]:
 def output(op: G.Op, ctx: Context) -> list[Strategy]:
     shape = op.input_shapes[0]
     return [Strategy(name=spec_name(s), output_specs=(), input_specs=(s,)) for s in enumerate_specs(shape, ctx)]
+
+
+# Host callbacks (jax.debug.print / callback) see whole values: their operands are gathered.
+@register_strategy("debug_callback", "debug_print")
+def host_callback(op: G.Op, ctx: Context) -> list[Strategy]:
+    return [replicated_strategy(op, ctx, name="host")]
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,539 @@
+"""What XLA actually compiled, priced with the cluster's alpha-beta model.
+
+The planner predicts a plan's cost from the jaxpr; this module is the
+yardstick: it reads the optimized, SPMD-partitioned HLO of a compiled program
+(``jax.jit(f).lower(*args).compile()``), finds every collective in it, and
+prices the program with the same `Cluster` and the same collective formulas
+(`autoplan._src.cluster.collective_seconds`) that the planner uses.
+
+Conventions (they match `autoplan._src.cluster`):
+
+* Shapes are per device, as the partitioned HLO prints them.
+* ``HloCollective.nbytes`` is the size of the *full* buffer in the sense of
+  ``cluster.collective_bytes``: the gathered result of an all-gather, the
+  un-scattered input of a reduce-scatter (result bytes x group size), the
+  buffer of an all-reduce, the per-device buffer of an all-to-all, and the
+  buffer one device sends in a collective-permute (priced as ``"p2p"``).
+* A combined (tuple-shaped) collective gives one `HloCollective` per tuple
+  element, all with the same ``name``; its alpha (latency) is charged once,
+  on the summed bytes, because XLA launches it once.
+* Asynchronous pairs are counted at their ``-start`` half; ``-done`` halves
+  are skipped.  Collectives wrapped by ``async-start`` live in their own
+  called computation and are counted there, once.
+* Collectives inside while-loop bodies and other called computations are
+  counted once, as written, whatever the trip count.  XLA's own
+  ``cost_analysis()`` also counts a while body once, so flops and
+  communication agree with each other, but both understate a loop that runs
+  many times.
+* Device ids in the HLO (``replica_groups``, ``source_target_pairs``) are
+  logical ids: the position of the device in the compiled device assignment,
+  which for ``jax.jit`` over a mesh is ``mesh.devices.flat`` order, whatever
+  the physical device ids are.  So by default id == row-major mesh position;
+  ``device_positions`` can map other ids.  With one replica (every
+  ``jax.jit`` program) partition ids and global device ids coincide, so ``channel_id`` and ``use_global_device_ids`` need no reading;
+  ``replica_groups`` may be explicit (``{{0,1},{2,3}}``), iota
+  (``[2,4]<=[8]``, ``[4,2]<=[2,4]T(1,0)``) or XLA's mesh-axes form
+  (``mesh['axis_0'=2,'axis_1'=4] {'axis_1'}``, with optional
+  ``device_ids=(...)`` and sub-axes ``'axis_0':(2)2``); absent or ``{}``
+  means all devices.
+* The mesh axes of a group are the axes along which its members' mesh
+  coordinates differ.  When the group is smaller than those axes together
+  (a sub-axis group, e.g. 2 devices of a size-4 axis), the collective is
+  priced with its true group size over the bandwidth of those axes.
+* Not counted: ``ragged-all-to-all``, ``collective-broadcast`` and
+  host transfers (``send``/``recv``); autoplan's plans do not emit them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from autoplan._src import cluster as C
+
+__all__ = ["HloCollective", "CompiledReport", "collectives", "communication_seconds", "compiled_report"]
+
+# Opcode as printed -> kind reported.  ``-done`` halves are deliberately absent.
+_OPCODES = {
+    "all-reduce": "all-reduce",
+    "all-reduce-start": "all-reduce",
+    "all-gather": "all-gather",
+    "all-gather-start": "all-gather",
+    "reduce-scatter": "reduce-scatter",
+    "all-to-all": "all-to-all",
+    "collective-permute": "collective-permute",
+    "collective-permute-start": "collective-permute",
+}
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+# Bits per element of HLO primitive types; others are read from the digits in the name.
+_BITS = {"pred": 8, "token": 0, "c64": 64, "c128": 128, "tuple": 0, "opaque": 0}
+
+
+def _cluster_kind(kind: str) -> str:
+    return "p2p" if kind == "collective-permute" else kind
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class HloCollective:
+    """One collective (one tuple element of one) in optimized HLO.
+
+    ``shape`` and ``dtype`` ("f32", "bf16", ... as HLO spells them) are the
+    per-device array this record describes; ``nbytes`` follows the
+    conventions of `autoplan._src.cluster` (see the module docstring);
+    ``index`` is the tuple element of a combined collective (None when the
+    instruction is not tuple-shaped); ``computation`` is the HLO computation
+    it is written in (the entry, or a loop body, ...).
+    """
+
+    kind: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    group_size: int
+    axes: tuple[str, ...]
+    index: int | None = None
+    computation: str = ""
+
+    @property
+    def wire_bytes(self) -> float:
+        """Bytes each device sends for this element (``cluster.collective_bytes``)."""
+        kind = _cluster_kind(self.kind)
+        n = 2 if kind == "p2p" and self.group_size > 1 else self.group_size
+        return C.collective_bytes(kind, self.nbytes, n)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        d["axes"] = list(self.axes)
+        return d
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class CompiledReport:
+    """Per-device cost of a compiled program under a cluster model.
+
+    ``flops`` and ``bytes_accessed`` come from XLA's ``cost_analysis()``,
+    which reports the per-device (partitioned) program.  ``memory_bytes`` is
+    XLA's buffer-assignment peak (``memory_analysis().peak_memory_in_bytes``,
+    live arguments, outputs and temporaries at the worst point); where a JAX
+    version lacks it, ``argument + output + temp - alias``, which is an upper
+    bound.  Generated code is reported apart and not counted.
+    ``step_seconds = compute_seconds + communication_seconds``, with
+    ``compute_seconds = flops / cluster.device_flops`` and no overlap.
+    """
+
+    cluster: str
+    flops: float
+    bytes_accessed: float
+    memory_bytes: float
+    argument_bytes: float
+    output_bytes: float
+    temp_bytes: float
+    alias_bytes: float
+    generated_code_bytes: float
+    collectives: tuple[HloCollective, ...]
+    communication_bytes: float
+    communication_seconds: float
+    compute_seconds: float
+    step_seconds: float
+
+    def cost(self) -> C.Cost:
+        """The same numbers as a `Cost`, to compare with ``plan.cost``."""
+        return C.Cost(step_seconds=self.step_seconds, compute_seconds=self.compute_seconds,
+                      communication_seconds=self.communication_seconds,
+                      communication_bytes=self.communication_bytes, memory_bytes=self.memory_bytes)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["collectives"] = [c.to_dict() for c in self.collectives]
+        return d
+
+
+# ----------------------------------------------------------------------------- text scanning
+
+_COMMENT = re.compile(r"/\*.*?\*/")
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=%]+)\s*=\s*(?P<rest>.*)$")
+_ARRAY = re.compile(r"(?P<dtype>[a-z][a-z0-9]*)\[(?P<dims>[^\]]*)\]")
+_OPCODE = re.compile(r"\s*(?P<op>[a-z][a-z0-9\-]*)\(")
+_INTS = re.compile(r"-?\d+")
+_COLLECTIVE_CALL = re.compile(r"(?<![%\w.\-])(?:" + "|".join(sorted(_OPCODES, key=len, reverse=True)) + r")\(")
+_CLOSE = {"(": ")", "[": "]", "{": "}"}
+
+
+def _match_close(text: str, start: int) -> int:
+    """Index just past the bracket that closes ``text[start]``."""
+    opening = text[start]
+    closing = _CLOSE[opening]
+    depth = 0
+    for i in range(start, len(text)):
+        ch = text[i]
+        if ch == opening:
+            depth += 1
+        elif ch == closing:
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise ValueError(f"unbalanced {opening!r} in HLO text: {text[start:start + 80]!r}")
+
+
+def _parse_shape(text: str, i: int = 0):
+    """Parse an HLO shape at ``text[i]``: (dtype, dims) for an array, a list for a tuple."""
+    while text[i] == " ":
+        i += 1
+    if text[i] == "(":
+        elements = []
+        i += 1
+        while True:
+            while text[i] in " ,":
+                i += 1
+            if text[i] == ")":
+                return elements, i + 1
+            element, i = _parse_shape(text, i)
+            elements.append(element)
+    m = _ARRAY.match(text, i)
+    if not m:
+        raise ValueError(f"cannot read an HLO shape at {text[i:i + 60]!r}")
+    dims = tuple(_dim(d) for d in m.group("dims").split(",") if d.strip())
+    i = m.end()
+    if i < len(text) and text[i] == "{":  # layout
+        i = _match_close(text, i)
+    return (m.group("dtype"), dims), i
+
+
+def _dim(text: str) -> int:
+    """``64``, or the bound of a dynamic ``<=64``; an unbounded ``?`` counts as 0."""
+    m = _INTS.search(text)
+    return int(m.group()) if m else 0
+
+
+def _flatten(shape) -> list[tuple[str, tuple[int, ...]]]:
+    if isinstance(shape, list):
+        return [leaf for element in shape for leaf in _flatten(element)]
+    return [shape]
+
+
+def _bits(dtype: str) -> int:
+    if dtype in _BITS:
+        return _BITS[dtype]
+    m = re.search(r"\d+", dtype)
+    if not m:
+        raise ValueError(f"unknown HLO element type {dtype!r}")
+    return int(m.group())
+
+
+def _array_bytes(dtype: str, dims: Sequence[int]) -> int:
+    return math.prod(dims) * _bits(dtype) // 8
+
+
+def _attribute(attrs: str, key: str) -> str | None:
+    """Raw text of VALUE in ``key=VALUE`` (bracketed, or up to the next comma)."""
+    m = re.search(rf"(?:^|[\s,]){re.escape(key)}=", attrs)
+    if not m:
+        return None
+    i = m.end()
+    if i < len(attrs) and attrs[i] in _CLOSE:
+        return attrs[i:_match_close(attrs, i)]
+    end = attrs.find(",", i)
+    return attrs[i:len(attrs) if end < 0 else end].strip()
+
+
+def _nested_ints(text: str) -> list[list[int]]:
+    """``{{0,1},{2,3}}`` -> [[0, 1], [2, 3]]."""
+    return [[int(x) for x in _INTS.findall(group)] for group in re.findall(r"\{([^{}]*)\}", text[1:-1])]
+
+
+def _iota(dims: Sequence[int], reshape: Sequence[int], perm: Sequence[int] | None) -> np.ndarray:
+    array = np.arange(math.prod(reshape)).reshape(reshape)
+    if perm is not None:
+        array = array.transpose(perm)
+    return array.reshape(dims)
+
+
+_IOTA_GROUPS = re.compile(r"\[(?P<dims>[\d,]+)\]<=\[(?P<reshape>[\d,]+)\](?:T\((?P<perm>[\d,]+)\))?")
+_TILE = re.compile(r"\[(?P<reshape>[\d,]+)\](?:T\((?P<perm>[\d,]+)\))?$")
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return None if text is None else [int(x) for x in text.split(",") if x]
+
+
+def _device_array(text: str, count: int) -> np.ndarray:
+    """A mesh's ``device_ids=(...)``: an iota tile (``[2,4]T(1,0)``) or an explicit list."""
+    text = text.strip()
+    m = _IOTA_GROUPS.fullmatch(text)
+    if m:
+        return _iota([count], _ints(m["reshape"]), _ints(m["perm"]))
+    m = _TILE.match(text)
+    if m:
+        return _iota([count], _ints(m["reshape"]), _ints(m["perm"]))
+    ids = [int(x) for x in _INTS.findall(text)]
+    if len(ids) != count:
+        raise ValueError(f"cannot read mesh device_ids=({text})")
+    return np.array(ids)
+
+
+_MESH_AXIS = re.compile(r"'?(?P<name>[^'=,\s]+)'?=(?P<size>\d+)")
+_AXIS_REF = re.compile(r"'?(?P<name>[^',:\s{}]+)'?(?::\((?P<pre>\d+)\)(?P<size>\d+))?")
+
+
+def _mesh_groups(text: str) -> np.ndarray:
+    """Groups of XLA's mesh-axes form: ``mesh['a'=2,'b'=4], device_ids=(...) {'b'}``."""
+    m = re.match(r"mesh\[(?P<axes>[^\]]*)\]", text)
+    if not m:
+        raise ValueError(f"cannot read replica_groups={text!r}")
+    axes = [(a["name"], int(a["size"])) for a in _MESH_AXIS.finditer(m["axes"])]
+    names = [n for n, _ in axes]
+    sizes = [s for _, s in axes]
+    count = math.prod(sizes)
+    rest = text[m.end():]
+    devices = np.arange(count)
+    d = re.match(r"\s*,\s*device_ids=", rest)
+    if d:
+        start = d.end()
+        end = _match_close(rest, start)
+        devices = _device_array(rest[start + 1:end - 1], count)
+        rest = rest[end:]
+    brace = rest.find("{")
+    refs = [r for r in _AXIS_REF.finditer(rest[brace + 1:_match_close(rest, brace) - 1]) if r["name"]]
+    by_dim: dict[int, list[tuple[int | None, int]]] = {}
+    for r in refs:
+        dim = names.index(r["name"])
+        by_dim.setdefault(dim, []).append((int(r["pre"]), int(r["size"])) if r["pre"] else (None, sizes[dim]))
+    # Reshape every mesh dim that sub-axes split, then group over the referenced (sub-)axes.
+    new_sizes: list[int] = []
+    grouped: list[int] = []
+    for dim, size in enumerate(sizes):
+        parts = by_dim.get(dim)
+        if not parts:
+            new_sizes.append(size)
+            continue
+        if any(pre is None for pre, _ in parts):
+            grouped.append(len(new_sizes))
+            new_sizes.append(size)
+            continue
+        prefix = 1
+        for pre, sub in sorted(parts):
+            if pre != prefix:
+                new_sizes.append(pre // prefix)
+                prefix = pre
+            grouped.append(len(new_sizes))
+            new_sizes.append(sub)
+            prefix *= sub
+        if prefix != size:
+            new_sizes.append(size // prefix)
+    group_size = math.prod(new_sizes[g] for g in grouped)
+    order = [i for i in range(len(new_sizes)) if i not in grouped] + grouped
+    return devices.reshape(new_sizes).transpose(order).reshape(-1, group_size)
+
+
+def _replica_groups(attrs: str, num_devices: int) -> np.ndarray | list[list[int]]:
+    """Device-id groups of ``replica_groups=``: explicit, iota or mesh-axes form; absent or ``{}``: all."""
+    m = re.search(r"(?:^|[\s,])replica_groups=", attrs)
+    if m is None:
+        return [list(range(num_devices))]
+    i = m.end()
+    if attrs.startswith("mesh[", i):
+        end = _match_close(attrs, i + len("mesh"))
+        d = re.match(r"\s*,\s*device_ids=", attrs[end:])
+        if d:
+            end = _match_close(attrs, end + d.end())
+        end = _match_close(attrs, attrs.index("{", end))
+        return _mesh_groups(attrs[i:end])
+    if attrs.startswith("{", i):
+        groups = _nested_ints(attrs[i:_match_close(attrs, i)])
+        return groups or [list(range(num_devices))]
+    iota = _IOTA_GROUPS.match(attrs, i)
+    if iota:
+        dims = _ints(iota["dims"])
+        return _iota(dims, _ints(iota["reshape"]), _ints(iota["perm"])).reshape(dims[0], -1)
+    raise ValueError(f"cannot read replica_groups={attrs[i:i + 80]!r}")
+
+
+def _module_devices(text: str) -> int | None:
+    """Devices the module runs on (``num_partitions x replica_count`` of its header), if it says."""
+    header = text.split("\n", 1)[0]
+    partitions = re.search(r"num_partitions=(\d+)", header)
+    replicas = re.search(r"replica_count=(\d+)", header)
+    if not partitions and not replicas:
+        return None
+    return (int(partitions.group(1)) if partitions else 1) * (int(replicas.group(1)) if replicas else 1)
+
+
+# ----------------------------------------------------------------------------- mesh axes of a group
+
+
+def _positions(ids, device_positions) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    if device_positions is None:
+        return ids
+    return np.vectorize(lambda i: device_positions[int(i)], otypes=[np.int64])(ids)
+
+
+def _group_axes(groups, mesh: C.MeshShape, device_positions) -> tuple[tuple[str, ...], int]:
+    """Mesh axes along which the groups' members differ, and the group size."""
+    sizes = {len(g) for g in groups}
+    group_size = max(sizes) if sizes else 1
+    if group_size <= 1:
+        return (), 1
+    varying = np.zeros(len(mesh.axis_sizes), dtype=bool)
+    for group in groups:
+        pos = _positions(list(group), device_positions)
+        if pos.min() < 0 or pos.max() >= mesh.size:
+            raise ValueError(f"device {int(pos.max())} of an HLO replica group is outside the mesh "
+                             f"{mesh.as_dict()} ({mesh.size} devices): pass the mesh the program was compiled for")
+        coords = np.stack(np.unravel_index(pos, mesh.axis_sizes))
+        varying |= np.any(coords != coords[:, :1], axis=1)
+    return tuple(a for a, v in zip(mesh.axis_names, varying) if v), group_size
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _hlo_text(compiled_or_text) -> str:
+    text = compiled_or_text if isinstance(compiled_or_text, str) else compiled_or_text.as_text()
+    if not isinstance(text, str) or "HloModule" not in text[:200]:
+        raise ValueError("expected optimized HLO text (compiled.as_text() of jax.jit(f).lower(...).compile()), "
+                         "not StableHLO from Lowered.as_text()")
+    return text
+
+
+def collectives(compiled_or_text, mesh, *, device_positions: Mapping[int, int] | Sequence[int] | None = None,
+                ) -> list[HloCollective]:
+    """Every collective in optimized HLO, one record per (tuple element of a) collective, in text order.
+
+    ``compiled_or_text`` is a ``jax.stages.Compiled`` or the text of its
+    ``as_text()``; ``mesh`` a jax ``Mesh``/``AbstractMesh``, a `MeshShape` or
+    ``{axis: size}``; ``device_positions`` maps HLO device ids to row-major
+    mesh positions (default: identity, right for ``jax.jit``).
+
+    >>> text = '''HloModule m, num_partitions=4
+    ... ENTRY %main (p: f32[8]) -> f32[8] {
+    ...   %p = f32[8]{0} parameter(0)
+    ...   ROOT %ar = f32[8]{0} all-reduce(%p), replica_groups={{0,1},{2,3}}, to_apply=%add
+    ... }'''
+    >>> [(c.kind, c.nbytes, c.axes) for c in collectives(text, {"data": 2, "model": 2})]
+    [('all-reduce', 32, ('model',))]
+    """
+    text = _hlo_text(compiled_or_text)
+    mesh = C.MeshShape.from_mesh(mesh)
+    num_devices = _module_devices(text) or mesh.size
+    out: list[HloCollective] = []
+    computation = ""
+    for raw in text.splitlines():
+        if raw and not raw[0].isspace():
+            if raw.rstrip().endswith("{"):
+                computation = raw.split()[1 if raw.startswith("ENTRY") else 0].lstrip("%")
+            continue
+        m = _INSTRUCTION.match(raw)
+        if not m:
+            continue
+        line = _STRING.sub('""', _COMMENT.sub("", m["rest"]))
+        if not _COLLECTIVE_CALL.search(line):
+            continue
+        try:
+            shape, i = _parse_shape(line)
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"cannot read the shape of HLO instruction {m['name']!r}: {line[:120]!r}") from e
+        op = _OPCODE.match(line, i)
+        if not op or op["op"] not in _OPCODES:
+            continue
+        kind = _OPCODES[op["op"]]
+        attrs = line[_match_close(line, op.end() - 1):]
+        if op["op"].endswith("-start") and isinstance(shape, list) and kind != "all-reduce":
+            shape = shape[1]  # (operands, results[, contexts]): the results
+        is_tuple = isinstance(shape, list)
+        leaves = _flatten(shape)
+        if kind == "collective-permute":
+            found = _attribute(attrs, "source_target_pairs")
+            pairs = [p for p in (_nested_ints(found) if found else []) if len(p) == 2 and p[0] != p[1]]
+            axes, group_size = _group_axes(pairs, mesh, device_positions)
+            group_size = 2 if pairs else 1
+        else:
+            axes, group_size = _group_axes(_replica_groups(attrs, num_devices), mesh, device_positions)
+        for index, (dtype, dims) in enumerate(leaves):
+            nbytes = _array_bytes(dtype, dims)
+            if kind == "reduce-scatter":
+                nbytes *= group_size
+            out.append(HloCollective(kind=kind, name=m["name"], dtype=dtype, shape=dims, nbytes=nbytes,
+                                     group_size=group_size, axes=axes, index=index if is_tuple else None,
+                                     computation=computation))
+    return out
+
+
+def _instruction_seconds(elements: Sequence[HloCollective], mesh: C.MeshShape, cluster: C.Cluster) -> float:
+    """Alpha-beta seconds of one (possibly combined) collective instruction."""
+    first = elements[0]
+    if first.group_size <= 1 or not first.axes:
+        return 0.0
+    kind = _cluster_kind(first.kind)
+    nbytes = sum(e.nbytes for e in elements)
+    if kind == "p2p" or mesh.axis_size(first.axes) == first.group_size:
+        return C.collective_seconds(kind, nbytes, first.axes, mesh, cluster)
+    # A group over part of its axes: its own size, the bandwidth of the axes it spans.
+    wire = C.collective_bytes(kind, nbytes, first.group_size)
+    return cluster.latency + wire / C.group_bandwidth(cluster, mesh, first.axes) if wire else 0.0
+
+
+def communication_seconds(colls: Sequence[HloCollective], mesh, cluster) -> float:
+    """Sum of alpha-beta seconds, one alpha per instruction (tuple elements share theirs)."""
+    mesh = C.MeshShape.from_mesh(mesh)
+    cluster = C.get_cluster(cluster)
+    by_instruction: dict[tuple[str, str], list[HloCollective]] = {}
+    for c in colls:
+        by_instruction.setdefault((c.computation, c.name), []).append(c)
+    return sum(_instruction_seconds(elements, mesh, cluster) for elements in by_instruction.values())
+
+
+def _cost_analysis(compiled) -> dict[str, float]:
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return {}
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = next((a for a in analysis if a), {})
+    return dict(analysis or {})
+
+
+def _memory_analysis(compiled) -> dict[str, float]:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        stats = None
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes", "peak_memory_in_bytes")
+    return {f: float(getattr(stats, f, 0) or 0) for f in fields}
+
+
+def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
+                    device_positions: Mapping[int, int] | Sequence[int] | None = None) -> CompiledReport:
+    """Price a compiled program: XLA's flops and memory, its collectives under ``cluster``.
+
+    ``compiled`` is a ``jax.stages.Compiled`` (``jax.jit(f).lower(*args).compile()``);
+    ``mesh`` the mesh it was compiled for; ``cluster`` a `Cluster` or preset
+    name (default "cpu").  All numbers are per device.
+    """
+    mesh = C.MeshShape.from_mesh(mesh)
+    cluster = C.get_cluster(cluster)
+    colls = tuple(collectives(compiled, mesh, device_positions=device_positions))
+    costs = _cost_analysis(compiled)
+    memory = _memory_analysis(compiled)
+    flops = float(costs.get("flops", 0.0))
+    upper = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] + memory["temp_size_in_bytes"]
+             - memory["alias_size_in_bytes"])
+    compute = flops / cluster.device_flops
+    comm = communication_seconds(colls, mesh, cluster)
+    return CompiledReport(
+        cluster=cluster.name, flops=flops, bytes_accessed=float(costs.get("bytes accessed", 0.0)),
+        memory_bytes=memory["peak_memory_in_bytes"] or upper,
+        argument_bytes=memory["argument_size_in_bytes"], output_bytes=memory["output_size_in_bytes"],
+        temp_bytes=memory["temp_size_in_bytes"], alias_bytes=memory["alias_size_in_bytes"],
+        generated_code_bytes=memory["generated_code_size_in_bytes"],
+        collectives=colls, communication_bytes=float(sum(c.wire_bytes for c in colls)),
+        communication_seconds=comm, compute_seconds=compute, step_seconds=compute + comm)

@@ -1,0 +1,143 @@
+"""Emitted programs: same numerics as single-device jax.jit, layouts as planned, read back from XLA."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import autoplan
+from autoplan._src import emit as E
+from autoplan._src import trace as T
+
+TINY = ("gpt-tiny", "moe-tiny", "wresnet-tiny", "mlp-tiny")
+MESHES = {(8,): ("data",), (2, 4): ("data", "model"), (4, 2): ("data", "model")}
+STEPS = 3
+# Losses agree to fp32 reduction-order noise (rtol 1e-5).  The state is compared by how far it
+# moved: every leaf's change over STEPS must match the reference change to UPDATE_RTOL in norm,
+# and no single coordinate may be off by more than MAX_COORD_ERROR (a tenth of one Adam step,
+# lr 1e-3).  Elementwise rtol 1e-5 cannot hold for Adam: it divides by sqrt(v) + eps, so a
+# coordinate whose gradient is ~0 turns the different summation order of a sharded reduction
+# into a visible change of its update.
+LOSS_RTOL = 1e-5
+UPDATE_RTOL = 1e-3
+MAX_COORD_ERROR = 1e-4
+
+
+def initial(model: str):
+    spec = autoplan.models.get(model)
+    params, opt_state = spec.init(jax.random.key(0))
+    return params, opt_state, spec.make_batch(jax.random.key(1))
+
+
+@functools.cache
+def reference(model: str):
+    """Losses and state after STEPS single-device jax.jit steps."""
+    return run(model, jax.jit(autoplan.models.get(model).train_step))
+
+
+def run(model: str, step) -> tuple[np.ndarray, tuple]:
+    params, opt_state, batch = initial(model)
+    losses = []
+    for _ in range(STEPS):
+        params, opt_state, loss = step(params, opt_state, batch)
+        losses.append(float(loss))
+    return np.array(losses), jax.device_get((params, opt_state))
+
+
+def assert_matches_reference(model, losses, state):
+    ref_losses, ref_state = reference(model)
+    np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL)
+    start = jax.device_get(initial(model)[:2])
+    for (path, got), want, before in zip(jax.tree_util.tree_leaves_with_path(state),
+                                         jax.tree_util.tree_leaves(ref_state), jax.tree_util.tree_leaves(start)):
+        name = jax.tree_util.keystr(path)
+        got, want, before = (np.asarray(x, np.float64) for x in (got, want, before))
+        moved = np.linalg.norm(want - before)
+        assert np.linalg.norm(got - want) <= UPDATE_RTOL * moved + 1e-12, (name, np.linalg.norm(got - want), moved)
+        assert np.max(np.abs(got - want), initial=0.0) <= MAX_COORD_ERROR, name
+
+
+@pytest.mark.parametrize("shape", list(MESHES), ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("model", TINY)
+def test_autoplan_matches_single_device_jit(model, shape):
+    mesh = jax.make_mesh(shape, MESHES[shape])  # Explicit axes, today's default
+    step = autoplan.autoparallel(autoplan.models.get(model).train_step, mesh=mesh, cluster="a100-8x")
+    losses, state = run(model, step)
+    assert step.num_plans == 1
+    assert_matches_reference(model, losses, state)
+    # The state comes back laid out as planned.
+    planned = jax.tree_util.tree_leaves(step.plan.output_shardings, is_leaf=lambda x: isinstance(x, jax.P))
+    returned = jax.tree_util.tree_leaves(step(*jax.tree.map(jnp.copy, state),
+                                              autoplan.models.get(model).make_batch(jax.random.key(1)))[:2])
+    for array, spec in zip(returned, planned):
+        assert array.sharding.is_equivalent_to(jax.sharding.NamedSharding(step.mesh, spec), array.ndim)
+
+
+@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("baseline", autoplan.baselines.ALL)
+def test_baselines_match_single_device_jit(model, baseline):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    step = autoplan.autoparallel(autoplan.models.get(model).train_step, mesh=mesh, cluster="a100-8x",
+                                 planner=getattr(autoplan.baselines, baseline))
+    losses, state = run(model, step)
+    assert step.plan.name == baseline
+    assert_matches_reference(model, losses, state)
+
+
+def test_compiled_program_has_the_planned_layouts():
+    spec = autoplan.models.get("gpt-tiny")
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    step = autoplan.autoparallel(spec.train_step, mesh=mesh, cluster="a100-8x")
+    args = (*spec.abstract_state(), spec.abstract_batch())
+    compiled = step.lower(*args).compile()
+    (in_shardings, _), plan = compiled.input_shardings, step.plan
+    got = jax.tree_util.tree_leaves(in_shardings)
+    assert len(got) == len(plan.inputs)
+    for sharding, leaf in zip(got, plan.inputs):
+        want = jax.sharding.NamedSharding(step.mesh, leaf.partition_spec)
+        assert sharding.is_equivalent_to(want, len(leaf.shape)), leaf.path
+    # The plan is not trivially replicated: some intermediates are split.
+    assert any(any(anchor.spec) for anchor in plan.anchors)
+    for sharding, leaf in zip(jax.tree_util.tree_leaves(compiled.output_shardings), plan.outputs):
+        assert sharding.is_equivalent_to(jax.sharding.NamedSharding(step.mesh, leaf.partition_spec),
+                                         len(leaf.shape)), leaf.path
+    # Parameters and optimizer state are donated: XLA aliases them to the outputs.
+    assert "input_output_alias" in compiled.as_text()
+    assert compiled.memory_analysis().alias_size_in_bytes > 0
+
+
+def test_anchors_become_sharding_constraints():
+    spec = autoplan.models.get("mlp-tiny")
+    args = (*spec.abstract_state(), spec.abstract_batch())
+    mesh = E.device_mesh(autoplan._src.cluster.MeshShape(axis_names=("data", "model"), axis_sizes=(2, 4)))
+    plan = autoplan.baselines.megatron(spec.train_step, *args, mesh=mesh, cluster="a100-8x")
+    program = E.emit(plan, T.trace(spec.train_step, *args), mesh)
+    text = program.lower(*args).as_text()
+    assert len(plan.anchors) > 0
+    assert text.count("sharding_constraint") == len(plan.anchors)
+    # Megatron's column split: the first layer's activations are split over "model".
+    assert any(anchor.spec[-1] == ("model",) for anchor in plan.anchors)
+
+
+def test_a_plan_for_another_step_is_refused(tmp_path):
+    spec = autoplan.models.get("mlp-tiny")
+    args = (*spec.abstract_state(), spec.abstract_batch())
+    plan = autoplan.plan(spec.train_step, *args, num_devices=8)
+    other = autoplan.models.get("mlp-tiny", batch=16)
+    other_args = (*other.abstract_state(), other.abstract_batch())
+    with pytest.raises(autoplan.PlanMismatchError, match="re-plan"):
+        E.emit(plan, T.trace(other.train_step, *other_args))
+    step = autoplan.autoparallel(other.train_step, plan=plan)
+    with pytest.raises(autoplan.PlanMismatchError):
+        step.lower(*other_args)
+    # The plan for the right step runs, from a JSON round trip too.
+    plan.save(tmp_path / "plan.json")
+    restored = autoplan.load_plan(tmp_path / "plan.json")
+    assert autoplan.autoparallel(spec.train_step, plan=restored).lower(*args).compile() is not None
+
+
+def test_plan_mesh_must_match_the_devices():
+    with pytest.raises(ValueError, match="16 devices but 8 are available"):
+        E.device_mesh(autoplan._src.cluster.MeshShape(axis_names=("data", "model"), axis_sizes=(4, 4)))

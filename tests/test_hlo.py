@@ -1,0 +1,288 @@
+"""Collectives and costs read from what XLA compiled (autoplan._src.hlo)."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import autoplan
+from autoplan._src import hlo
+from autoplan._src.cluster import MeshShape, collective_bytes, collective_seconds
+
+F32 = jnp.float32
+MESH_SHAPE = MeshShape(axis_names=("data", "model"), axis_sizes=(2, 4))
+# Four devices per node: on the (2, 4) mesh "model" stays in a node and "data" crosses nodes.
+CLUSTER = autoplan.Cluster(name="test-4x", device_flops=1e12, device_memory=16e9, devices_per_node=4,
+                           intra_node_bandwidth=100e9, inter_node_bandwidth=10e9, latency=5e-6)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _s(mesh, *spec):
+    return NamedSharding(mesh, P(*spec))
+
+
+def _sds(*shape):
+    return jax.ShapeDtypeStruct(shape, F32)
+
+
+# ----------------------------------------------------------------------------- compiled programs
+
+
+def test_contracting_dim_sharded_matmul_all_reduces_over_model(mesh):
+    m, k, n = 64, 128, 256
+    compiled = jax.jit(lambda x, w: x @ w, in_shardings=(_s(mesh, None, "model"), _s(mesh, "model", None)),
+                       out_shardings=_s(mesh)).lower(_sds(m, k), _sds(k, n)).compile()
+    (c,) = hlo.collectives(compiled, mesh)
+    assert (c.kind, c.axes, c.group_size, c.shape, c.dtype) == ("all-reduce", ("model",), 4, (m, n), "f32")
+    assert c.nbytes == m * n * 4 and c.index is None
+    report = hlo.compiled_report(compiled, mesh, CLUSTER)
+    expected = collective_seconds("all-reduce", m * n * 4, ("model",), MESH_SHAPE, CLUSTER)
+    assert report.communication_seconds == pytest.approx(expected)
+    assert report.communication_bytes == pytest.approx(2 * 3 / 4 * m * n * 4)
+    # Per-device flops: a quarter of the matmul (plus the all-reduce's additions).
+    assert report.flops == pytest.approx(2 * m * n * k / 4, rel=0.05)
+    assert report.step_seconds == pytest.approx(report.compute_seconds + report.communication_seconds)
+    assert report.compute_seconds == pytest.approx(report.flops / CLUSTER.device_flops)
+
+
+def _mlp_step(params, x, y):
+    def loss(p):
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        return jnp.mean((h @ p["w2"] + p["b2"] - y) ** 2)
+
+    grads = jax.grad(loss)(params)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+
+def test_data_parallel_gradients_are_one_tuple_all_reduce_over_data(mesh):
+    params = {"w1": _sds(32, 64), "b1": _sds(64), "w2": _sds(64, 16), "b2": _sds(16)}
+    replicated = jax.tree.map(lambda _: _s(mesh), params)
+    compiled = jax.jit(_mlp_step, in_shardings=(replicated, _s(mesh, "data"), _s(mesh, "data")),
+                       out_shardings=replicated).lower(params, _sds(64, 32), _sds(64, 16)).compile()
+    colls = hlo.collectives(compiled, mesh)
+    assert {c.kind for c in colls} == {"all-reduce"}
+    assert {c.axes for c in colls} == {("data",)} and {c.group_size for c in colls} == {2}
+    param_bytes = sum(math.prod(p.shape) * 4 for p in jax.tree.leaves(params))
+    assert sum(c.nbytes for c in colls) == param_bytes
+    # One element per gradient (XLA may hold a weight gradient transposed).
+    assert sorted(math.prod(c.shape) for c in colls) == sorted(math.prod(p.shape) for p in jax.tree.leaves(params))
+    # XLA combined them: one instruction, tuple elements 0..3, one alpha for all.
+    assert len({c.name for c in colls}) == 1 and sorted(c.index for c in colls) == [0, 1, 2, 3]
+    report = hlo.compiled_report(compiled, mesh, CLUSTER)
+    assert report.communication_seconds == pytest.approx(
+        collective_seconds("all-reduce", param_bytes, ("data",), MESH_SHAPE, CLUSTER))
+    # "data" crosses nodes on this cluster: priced at the slow link.
+    assert report.communication_seconds > CLUSTER.latency + 2 * 0.5 * param_bytes / CLUSTER.intra_node_bandwidth
+
+
+def test_gathering_a_data_sharded_array_is_an_all_gather_of_the_full_buffer(mesh):
+    compiled = jax.jit(lambda x: x * 2, in_shardings=_s(mesh, "data"),
+                       out_shardings=_s(mesh)).lower(_sds(64, 128)).compile()
+    (c,) = hlo.collectives(compiled, mesh)
+    assert (c.kind, c.axes, c.group_size, c.shape, c.nbytes) == ("all-gather", ("data",), 2, (64, 128), 64 * 128 * 4)
+    assert c.wire_bytes == pytest.approx(collective_bytes("all-gather", 64 * 128 * 4, 2))
+
+
+def test_psum_scatter_is_a_reduce_scatter_priced_on_the_unscattered_buffer(mesh):
+    fn = jax.shard_map(lambda a: jax.lax.psum_scatter(a, "model", tiled=True), mesh=mesh,
+                       in_specs=P("data", None), out_specs=P("data", "model"))
+    compiled = jax.jit(fn).lower(_sds(64, 128)).compile()
+    (c,) = hlo.collectives(compiled, mesh)
+    assert (c.kind, c.axes, c.group_size) == ("reduce-scatter", ("model",), 4)
+    assert c.shape == (8, 128)  # the scattered per-device result ...
+    assert c.nbytes == 32 * 128 * 4  # ... but nbytes is the per-device input, as cluster.py counts it
+
+
+def test_ppermute_is_a_point_to_point_over_its_axis(mesh):
+    fn = jax.shard_map(lambda a: jax.lax.ppermute(a, "model", [(i, (i + 1) % 4) for i in range(4)]), mesh=mesh,
+                       in_specs=P("data", "model"), out_specs=P("data", "model"))
+    compiled = jax.jit(fn).lower(_sds(64, 128)).compile()
+    (c,) = hlo.collectives(compiled, mesh)
+    assert (c.kind, c.axes, c.group_size, c.nbytes) == ("collective-permute", ("model",), 2, 32 * 32 * 4)
+    report = hlo.compiled_report(compiled, mesh, CLUSTER)
+    assert report.communication_seconds == pytest.approx(collective_seconds("p2p", c.nbytes, ("model",),
+                                                                            MESH_SHAPE, CLUSTER))
+    assert report.flops == 0.0  # cost_analysis has no "flops" key for a pure data movement
+
+
+def test_collective_in_a_loop_body_is_counted_once(mesh):
+    def body(a):
+        return jax.lax.fori_loop(0, 5, lambda i, c: jax.lax.psum(c, "data") * 0.5, a)
+
+    fn = jax.shard_map(body, mesh=mesh, in_specs=P("data", "model"), out_specs=P("data", "model"), check_vma=False)
+    compiled = jax.jit(fn).lower(_sds(64, 128)).compile()
+    (c,) = hlo.collectives(compiled, mesh)
+    assert (c.kind, c.axes) == ("all-reduce", ("data",))
+    assert "main" not in c.computation  # found in the loop body, not the entry
+
+
+def test_matmul_flops_are_per_device(mesh):
+    m, k, n = 128, 256, 64
+    x, w = _sds(m, k), _sds(k, n)
+    whole = hlo.compiled_report(jax.jit(lambda x, w: x @ w).lower(x, w).compile(), mesh, CLUSTER)
+    assert whole.flops == pytest.approx(2 * m * n * k, rel=0.05)
+    assert whole.collectives == ()
+    split = jax.jit(lambda x, w: x @ w, in_shardings=(_s(mesh, ("data", "model")), _s(mesh)),
+                    out_shardings=_s(mesh, ("data", "model"))).lower(x, w).compile()
+    report = hlo.compiled_report(split, mesh, CLUSTER)
+    assert report.flops == pytest.approx(2 * m * n * k / 8, rel=0.05)
+    assert report.collectives == () and report.communication_seconds == 0.0
+
+
+def test_memory_is_per_device_and_within_the_upper_bound(mesh):
+    x, w = _sds(512, 256), _sds(256, 256)
+    compiled = jax.jit(lambda x, w: jnp.tanh(x @ w) @ w, in_shardings=(_s(mesh, "data"), _s(mesh, None, "model")),
+                       out_shardings=_s(mesh, "data")).lower(x, w).compile()
+    report = hlo.compiled_report(compiled, mesh, CLUSTER)
+    assert report.argument_bytes == 512 * 256 * 4 / 2 + 256 * 256 * 4 / 4
+    assert report.output_bytes == 512 * 256 * 4 / 2
+    upper = report.argument_bytes + report.output_bytes + report.temp_bytes - report.alias_bytes
+    assert report.argument_bytes <= report.memory_bytes <= upper
+    assert report.cost().memory_bytes == report.memory_bytes
+    d = report.to_dict()
+    assert json.loads(json.dumps(d))["collectives"] == [c.to_dict() for c in report.collectives]
+    assert d["cluster"] == "test-4x"
+
+
+# ----------------------------------------------------------------------------- hand-written HLO
+
+
+def _module(*instructions, partitions=8):
+    body = "\n".join(f"  {line}" for line in instructions)
+    return (f"HloModule m, is_scheduled=true, num_partitions={partitions}\n\n"
+            "%add (a: f32[], b: f32[]) -> f32[] {\n  %a = f32[] parameter(0)\n  %b = f32[] parameter(1)\n"
+            "  ROOT %s = f32[] add(%a, %b)\n}\n\n"
+            f"ENTRY %main (p: f32[128,256]) -> f32[128,256] {{\n  %p = f32[128,256]{{1,0}} parameter(0)\n{body}\n}}\n")
+
+
+def test_parser_tuple_all_reduce_counts_every_element():
+    text = _module('%ar = (f32[128,256]{1,0}, f32[256]{0}, bf16[4,4]{1,0}) all-reduce(%p, %q, %r), channel_id=3, '
+                   'replica_groups={{0,4},{1,5},{2,6},{3,7}}, use_global_device_ids=true, to_apply=%add, '
+                   'metadata={op_name="a=b, replica_groups={{0,1}}"}')
+    colls = hlo.collectives(text, MESH_SHAPE)
+    assert [(c.dtype, c.shape, c.nbytes, c.index) for c in colls] == [
+        ("f32", (128, 256), 128 * 256 * 4, 0), ("f32", (256,), 1024, 1), ("bf16", (4, 4), 32, 2)]
+    assert {c.axes for c in colls} == {("data",)}
+    total = 128 * 256 * 4 + 1024 + 32
+    assert hlo.communication_seconds(colls, MESH_SHAPE, CLUSTER) == pytest.approx(
+        collective_seconds("all-reduce", total, ("data",), MESH_SHAPE, CLUSTER))
+
+
+def test_parser_iota_replica_groups():
+    plain = _module("%ag = f32[128,256]{1,0} all-gather(%p), replica_groups=[2,4]<=[8], dimensions={0}")
+    transposed = _module("%ag = f32[128,256]{1,0} all-gather(%p), replica_groups=[4,2]<=[2,4]T(1,0), "
+                         "dimensions={0}")
+    everyone = _module("%ag = f32[128,256]{1,0} all-gather(%p), replica_groups=[1,8]<=[8], dimensions={0}")
+    assert [(c.axes, c.group_size) for c in hlo.collectives(plain, MESH_SHAPE)] == [(("model",), 4)]
+    assert [(c.axes, c.group_size) for c in hlo.collectives(transposed, MESH_SHAPE)] == [(("data",), 2)]
+    assert [(c.axes, c.group_size) for c in hlo.collectives(everyone, MESH_SHAPE)] == [(("data", "model"), 8)]
+
+
+def test_parser_mesh_axes_replica_groups():
+    # XLA's newer form: the groups vary along the named axes of its own mesh.
+    model = _module("%ar = f32[64]{0} all-reduce(%p), channel_id=1, replica_groups=mesh['axis_0'=1,'axis_1'=4,"
+                    "'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}, use_global_device_ids=true, to_apply=%add")
+    data = _module("%ar = f32[64]{0} all-reduce(%p), channel_id=1, replica_groups=mesh['axis_0'=2,'axis_1'=1,"
+                   "'axis_2'=4] {'axis_0'}, use_global_device_ids=true, to_apply=%add")
+    explicit = _module("%ar = f32[64]{0} all-reduce(%p), replica_groups=mesh['x'=2,'y'=4], "
+                       "device_ids=(0,4,1,5,2,6,3,7) {'x'}, to_apply=%add")
+    sub = _module("%ar = f32[64]{0} all-reduce(%p), replica_groups=mesh['axis_0'=8] {'axis_0':(2)2}, to_apply=%add")
+    assert [(c.axes, c.group_size) for c in hlo.collectives(model, MESH_SHAPE)] == [(("model",), 4)]
+    assert [(c.axes, c.group_size) for c in hlo.collectives(data, MESH_SHAPE)] == [(("data",), 2)]
+    # device_ids (0,4,1,5 | 2,6,3,7) grouped over x: {0,2}, {4,6}, ... differ only along "model".
+    assert [(c.axes, c.group_size) for c in hlo.collectives(explicit, MESH_SHAPE)] == [(("model",), 2)]
+    # The middle factor 2 of 8 = 2 x 2 x 2: {0,2}, {1,3}, ...: half of "model".
+    (c,) = hlo.collectives(sub, MESH_SHAPE)
+    assert (c.axes, c.group_size) == (("model",), 2)
+    seconds = hlo.communication_seconds([c], MESH_SHAPE, CLUSTER)
+    assert seconds == pytest.approx(CLUSTER.latency + collective_bytes("all-reduce", 256, 2)
+                                    / CLUSTER.intra_node_bandwidth)
+    assert seconds < collective_seconds("all-reduce", 256, ("model",), MESH_SHAPE, CLUSTER)
+
+
+def test_parser_async_pairs_are_counted_once():
+    text = _module(
+        "%ars = f32[128,256]{1,0} all-reduce-start(%p), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add",
+        "%ard = f32[128,256]{1,0} all-reduce-done(%ars)",
+        "%ags = (f32[64,256]{1,0}, f32[128,256]{1,0}) all-gather-start(%p), replica_groups={{0,4},{1,5},{2,6},"
+        "{3,7}}, dimensions={0}",
+        "%agd = f32[128,256]{1,0} all-gather-done(%ags)",
+        "%cps = (f32[128,256]{1,0}, f32[128,256]{1,0}, u32[], u32[]) collective-permute-start(%p), "
+        "source_target_pairs={{0,4},{4,0}}",
+        "ROOT %cpd = f32[128,256]{1,0} collective-permute-done(%cps)")
+    colls = hlo.collectives(text, MESH_SHAPE)
+    assert [(c.kind, c.name, c.axes, c.nbytes) for c in colls] == [
+        ("all-reduce", "ars", ("model",), 128 * 256 * 4),
+        ("all-gather", "ags", ("data",), 128 * 256 * 4),  # the gathered result, not the operand
+        ("collective-permute", "cps", ("data",), 128 * 256 * 4)]
+
+
+def test_parser_collective_permute_ignores_self_pairs_and_maps_devices():
+    text = _module("%cp = f32[8]{0} collective-permute(%p), source_target_pairs={{0,0},{1,2},{2,1},{3,3}}")
+    (c,) = hlo.collectives(text, MESH_SHAPE)
+    assert (c.axes, c.group_size, c.nbytes) == (("model",), 2, 32)
+    # With ids 1 and 2 sitting in different rows of the mesh, the pair crosses "data".
+    (d,) = hlo.collectives(text, MESH_SHAPE, device_positions=[0, 4, 1, 5, 2, 6, 3, 7])
+    assert d.axes == ("data", "model")
+    only_self = _module("%cp = f32[8]{0} collective-permute(%p), source_target_pairs={{0,0},{1,1}}")
+    (s,) = hlo.collectives(only_self, MESH_SHAPE)
+    assert (s.axes, s.group_size, s.wire_bytes) == ((), 1, 0.0)
+    assert hlo.communication_seconds([s], MESH_SHAPE, CLUSTER) == 0.0
+
+
+def test_parser_reduce_scatter_all_to_all_and_long_tuples():
+    elements = ", ".join(["f32[16,8]{1,0}"] * 3 + ["/*index=3*/f32[16,8]{1,0}"] + ["f32[16,8]{1,0}"] * 2)
+    text = _module("%rs = f32[32,256]{1,0} reduce-scatter(%p), replica_groups={{0,1,2,3},{4,5,6,7}}, "
+                   "dimensions={0}, to_apply=%add",
+                   f"%a2a = ({elements}) all-to-all(%a, %b, %c, %d, %e, %f), replica_groups={{{{0,1,2,3,4,5,6,7}}}}",
+                   "%not = f32[128,256]{1,0} add(%p, %p)")
+    colls = hlo.collectives(text, MESH_SHAPE)
+    rs, a2a = colls[0], colls[1:]
+    assert (rs.kind, rs.nbytes, rs.axes) == ("reduce-scatter", 128 * 256 * 4, ("model",))
+    assert len(a2a) == 6 and {c.kind for c in a2a} == {"all-to-all"} and {c.group_size for c in a2a} == {8}
+    assert sum(c.wire_bytes for c in a2a) == pytest.approx(7 / 8 * 6 * 16 * 8 * 4)
+
+
+def test_parser_refuses_what_it_cannot_price():
+    outside = _module("%ar = f32[8]{0} all-reduce(%p), replica_groups={{0,9}}, to_apply=%add", partitions=16)
+    with pytest.raises(ValueError, match="outside the mesh"):
+        hlo.collectives(outside, MESH_SHAPE)
+    with pytest.raises(ValueError, match="optimized HLO"):
+        hlo.collectives("module @jit_f attributes {mhlo.num_partitions = 8 : i32} {}", MESH_SHAPE)
+
+
+class _FakeCompiled:
+    """Older JAX: cost_analysis() as a list of dicts, memory_analysis() without a peak."""
+
+    def __init__(self, text):
+        self._text = text
+
+    def as_text(self):
+        return self._text
+
+    def cost_analysis(self):
+        return [{"flops": 2e9, "bytes accessed": 1e6}]
+
+    def memory_analysis(self):
+        return type("Stats", (), dict(argument_size_in_bytes=100, output_size_in_bytes=50, temp_size_in_bytes=30,
+                                      alias_size_in_bytes=20, generated_code_size_in_bytes=7))()
+
+
+def test_report_accepts_older_analysis_formats():
+    text = _module("%ar = f32[1024]{0} all-reduce(%p), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add")
+    report = hlo.compiled_report(_FakeCompiled(text), {"data": 2, "model": 4}, CLUSTER)
+    assert report.flops == 2e9 and report.bytes_accessed == 1e6
+    assert report.memory_bytes == 100 + 50 + 30 - 20 and report.generated_code_bytes == 7
+    assert report.compute_seconds == pytest.approx(2e9 / CLUSTER.device_flops)
+    expected = collective_seconds("all-reduce", 4096, ("data", "model"), MESH_SHAPE, CLUSTER)
+    assert report.step_seconds == pytest.approx(report.compute_seconds + expected)
+    assert np.isclose(report.communication_bytes, 2 * 7 / 8 * 4096)
