@@ -16,12 +16,14 @@ MESHES = {(8,): ("data",), (2, 4): ("data", "model"), (4, 2): ("data", "model")}
 STEPS = 3
 # Losses agree to fp32 reduction-order noise (rtol 1e-5).  The state is compared by how far it
 # moved: every leaf's change over STEPS must match the reference change to UPDATE_RTOL in norm,
-# and no single coordinate may be off by more than MAX_COORD_ERROR (a tenth of one Adam step,
-# lr 1e-3).  Elementwise rtol 1e-5 cannot hold for Adam: it divides by sqrt(v) + eps, so a
-# coordinate whose gradient is ~0 turns the different summation order of a sharded reduction
-# into a visible change of its update.
+# and no coordinate may be off by more than MAX_COORD_ERROR (a tenth of one Adam step, lr 1e-3).
+# Elementwise rtol 1e-5 cannot hold for Adam: it divides by sqrt(v) + eps, so a coordinate whose
+# gradient is ~0 turns summation-order noise into an update.  The attention key bias has an
+# exactly zero gradient (softmax ignores a shift), so its updates are that noise in the reference
+# too; it sets the observed 1.1e-3 worst case of UPDATE_RTOL.  A wrong layout or a missing
+# reduction moves the state by O(1) of the update.
 LOSS_RTOL = 1e-5
-UPDATE_RTOL = 1e-3
+UPDATE_RTOL = 5e-3
 MAX_COORD_ERROR = 1e-4
 
 

@@ -37,15 +37,21 @@ def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
     graph, ctx = problem.graph, problem.ctx
     compute = comm = comm_bytes = 0.0
     uses: list[P.CollectiveUse] = []
+    groups: dict[tuple, float] = {}  # combined gradient collectives: latency once per (kind, axes)
     for op in graph.ops:
         strategy = problem.strategies[op.id][op_strategy[op.id]]
         compute += strategy.compute_seconds
         where = f"{op.layer or '<top>'} {op.role}"
+        combined = intra.combined_latency(strategy, ctx) if op.id in problem.combined_ops else {}
         for col in strategy.collectives:
-            comm += col.seconds
+            seconds = col.seconds
+            if (col.kind, tuple(col.axes)) in combined:
+                seconds -= combined[(col.kind, tuple(col.axes))]
+            comm += seconds
             comm_bytes += col.wire_bytes
             uses.append(P.CollectiveUse(where=where, op=op.primitive, kind=col.kind, axes=col.axes,
-                                        nbytes=col.nbytes, wire_bytes=col.wire_bytes, seconds=col.seconds))
+                                        nbytes=col.nbytes, wire_bytes=col.wire_bytes, seconds=seconds))
+        groups.update(combined)
         for k, t in enumerate(op.inputs):
             if t == G.LITERAL:
                 continue
@@ -61,6 +67,10 @@ def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
                 uses.append(P.CollectiveUse(where=where, op=f"reshard {producer.primitive} -> {op.primitive}",
                                             kind=col.kind, axes=col.axes, nbytes=col.nbytes,
                                             wire_bytes=col.wire_bytes, seconds=col.seconds))
+    for (kind, axes), latency in sorted(groups.items()):
+        comm += latency
+        uses.append(P.CollectiveUse(where="<combined>", op=f"latency of the combined gradient {kind}", kind=kind,
+                                    axes=axes, nbytes=0.0, wire_bytes=0.0, seconds=latency))
     cost = C.Cost(step_seconds=compute + comm, compute_seconds=compute, communication_seconds=comm,
                   communication_bytes=comm_bytes, memory_bytes=peak_memory)
     return cost, tuple(uses)

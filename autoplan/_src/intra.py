@@ -14,6 +14,12 @@ Two reductions keep the ILP small enough to solve in seconds:
   update, parameters) are structurally equal share variables, so a 48-layer
   model costs about as much to plan as a 2-layer one.  The objective still
   counts every operator and edge of every layer.
+
+Latency is charged as XLA runs collectives: the gradient reductions of the
+backward pass are independent of one another, so XLA's combiner fuses them
+into one tuple-shaped collective per kind and mesh axes.  Their fixed latency
+is a fixed charge in the ILP (one indicator per kind and axes), not a cost
+per tensor; only the bandwidth term is per tensor.
 """
 
 from __future__ import annotations
@@ -76,6 +82,11 @@ class Problem:
     node_cost: list[np.ndarray]  # per variable, seconds
     edge_cost: dict[tuple[int, int], np.ndarray]  # (var a, var b) -> seconds matrix
     allowed: list[np.ndarray | None]  # per variable: boolean mask of allowed choices (pins)
+    # Collectives XLA combines: ops whose reductions pay latency once per (kind, axes) group,
+    # and per variable the groups each choice uses (node_cost excludes those latencies).
+    combined_ops: frozenset[int] = frozenset()
+    var_groups: list[dict[tuple, np.ndarray]] = dataclasses.field(default_factory=list)
+    group_latency: dict[tuple, float] = dataclasses.field(default_factory=dict)
     build_seconds: float = 0.0
 
     @property
@@ -135,6 +146,40 @@ def _layer_signatures(graph: G.Graph) -> dict[str, tuple]:
             items.append((op.signature, op.role, tuple(links)))
         sigs[layer] = (tuple(items), tuple(ids))
     return sigs
+
+
+COMBINED_KINDS = frozenset({"all-reduce", "reduce-scatter"})
+
+
+def combined_ops(graph: G.Graph) -> frozenset[int]:
+    """Backward ops whose results never feed another backward dot or convolution: weight gradients.
+
+    Their reductions are mutually independent, which is what lets XLA's
+    all-reduce / reduce-scatter combiners fuse them into one collective.  An
+    activation gradient (which feeds the next layer's backward matmuls) is on
+    the critical chain and its reductions stay separate.
+    """
+    heavy = {"dot_general", "conv_general_dilated"}
+    feeds_heavy = np.zeros(len(graph.ops), dtype=bool)
+    for op in reversed(graph.ops):
+        for t in op.outputs:
+            for consumer, _ in graph.consumers[t]:
+                c = graph.ops[consumer]
+                if feeds_heavy[consumer] or (c.role == G.BACKWARD and c.primitive in heavy):
+                    feeds_heavy[op.id] = True
+                    break
+            if feeds_heavy[op.id]:
+                break
+    return frozenset(op.id for op in graph.ops if op.role == G.BACKWARD and not feeds_heavy[op.id])
+
+
+def combined_latency(strategy: S.Strategy, ctx: S.Context) -> dict[tuple, float]:
+    """The latency of each combinable collective of ``strategy``, keyed by (kind, axes)."""
+    groups: dict[tuple, float] = {}
+    for col in strategy.collectives:
+        if col.kind in COMBINED_KINDS and col.seconds > 0:
+            groups[(col.kind, tuple(col.axes))] = ctx.cluster.latency
+    return groups
 
 
 def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveOptions()) -> Problem:
@@ -216,15 +261,32 @@ def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveO
         op_var[op_id] = var_of_root[r]
     op_map = [maps[i] if maps[i] is not None else np.arange(num_choices[op_var[i]]) for i in range(n_ops)]
 
-    # Node costs.
-    cost_cache: dict[int, np.ndarray] = {}
+    # Node costs; combinable collectives leave their latency to one indicator per group.
+    combined = combined_ops(graph)
+    cost_cache: dict[tuple, tuple[np.ndarray, dict]] = {}
     node_cost = [np.zeros(n) for n in num_choices]
+    var_groups: list[dict[tuple, np.ndarray]] = [{} for _ in num_choices]
+    group_latency: dict[tuple, float] = {}
     for op_id in range(n_ops):
-        sid = id(strategies[op_id])
-        vec = cost_cache.get(sid)
-        if vec is None:
-            vec = cost_cache[sid] = np.array([s.seconds for s in strategies[op_id]])
-        node_cost[op_var[op_id]] += vec[op_map[op_id]]
+        key = (id(strategies[op_id]), op_id in combined)
+        cached = cost_cache.get(key)
+        if cached is None:
+            vec = np.array([s.seconds for s in strategies[op_id]])
+            uses: dict[tuple, np.ndarray] = {}
+            if op_id in combined:
+                for j, strategy in enumerate(strategies[op_id]):
+                    for group, latency in combined_latency(strategy, ctx).items():
+                        vec[j] -= latency
+                        uses.setdefault(group, np.zeros(len(vec), bool))[j] = True
+                        group_latency[group] = latency
+            cached = cost_cache[key] = (vec, uses)
+        vec, uses = cached
+        v = op_var[op_id]
+        node_cost[v] += vec[op_map[op_id]]
+        for group, mask in uses.items():
+            group_latency.setdefault(group, ctx.cluster.latency)
+            used = mask[op_map[op_id]]
+            var_groups[v][group] = var_groups[v][group] | used if group in var_groups[v] else used
 
     # Edge costs.
     matrix_cache: dict[tuple, np.ndarray] = {}
@@ -274,6 +336,7 @@ def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveO
 
     return Problem(graph=graph, ctx=ctx, strategies=strategies, op_var=op_var, op_map=op_map,
                    num_choices=num_choices, node_cost=node_cost, edge_cost=edge_cost, allowed=allowed,
+                   combined_ops=combined, var_groups=var_groups, group_latency=group_latency,
                    build_seconds=time.perf_counter() - start)
 
 
@@ -368,7 +431,20 @@ class Solution:
 def objective_of(problem: Problem, choice: np.ndarray) -> float:
     total = sum(float(c[choice[v]]) for v, c in enumerate(problem.node_cost))
     total += sum(float(m[choice[a], choice[b]]) for (a, b), m in problem.edge_cost.items())
-    return total
+    return total + sum(problem.group_latency[g] for g in used_groups(problem, choice))
+
+
+def used_groups(problem: Problem, choice: np.ndarray) -> set[tuple]:
+    """The combined-collective groups (kind, axes) that a choice per variable uses."""
+    return {g for v, groups in enumerate(problem.var_groups) for g, mask in groups.items() if mask[choice[v]]}
+
+
+def _full_node_cost(problem: Problem, v: int) -> np.ndarray:
+    """Node cost of variable ``v`` charging every group latency it might have to pay alone."""
+    cost = problem.node_cost[v].copy()
+    for group, mask in (problem.var_groups[v] if problem.var_groups else {}).items():
+        cost += mask * problem.group_latency[group]
+    return cost
 
 
 def _neighbors(problem: Problem) -> dict[int, list[tuple[int, np.ndarray]]]:
@@ -388,7 +464,7 @@ def greedy_choice(problem: Problem) -> np.ndarray:
     neighbors = _neighbors(problem)
     choice = np.full(problem.num_vars, -1, dtype=np.int64)
     for v in order:
-        cost = problem.node_cost[v].copy()
+        cost = _full_node_cost(problem, v)
         for u, m in neighbors[v]:
             if choice[u] >= 0:
                 cost += m[:, choice[u]]
@@ -406,7 +482,7 @@ def improve_locally(problem: Problem, choice: np.ndarray, neighbors=None, rounds
     for _ in range(rounds):
         changed = False
         for v in range(problem.num_vars):
-            cost = problem.node_cost[v].copy()
+            cost = _full_node_cost(problem, v)
             for u, m in neighbors[v]:
                 cost += m[:, choice[u]]
             if problem.allowed[v] is not None:
@@ -452,7 +528,8 @@ def prune_dominated(problem: Problem, vectors) -> list[np.ndarray | None]:
             if len(live) <= 1:
                 continue
             c = problem.node_cost[v][live]
-            gain = c[None, :] - c[:, None]  # [i, j] = c[j] - c[i]
+            full = _full_node_cost(problem, v)[live]
+            gain = full[None, :] - c[:, None]  # [i, j] = c[j] (paying its group latencies alone) - c[i]
             for u, m in neighbors[v]:
                 sub = m[np.ix_(live, np.nonzero(allowed[u])[0])]
                 gain = gain + np.max(sub[None, :, :] - sub[:, None, :], axis=2)
@@ -522,7 +599,8 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
                 model.Add(lits[int(i)] == 0)
         x.append(lits)
     # Scale seconds to integers.
-    upper = sum(float(c.max()) for c in problem.node_cost) + sum(float(m.max()) for m in problem.edge_cost.values())
+    upper = (sum(float(c.max()) for c in problem.node_cost) + sum(float(m.max()) for m in problem.edge_cost.values())
+             + sum(problem.group_latency.values()))
     scale = SCALE / upper if upper > 0 else 1.0
     objective = []
     for v, c in enumerate(problem.node_cost):
@@ -552,6 +630,15 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
                 coef = int(round(float(cols[r, c]) * scale))
                 if coef:
                     objective.append(coef * e[r][c])
+    # Fixed charge: a group's latency is paid once if any choice uses it.
+    group_used = {g: model.NewBoolVar(f"g{g}") for g in problem.group_latency}
+    for v, groups in enumerate(problem.var_groups):
+        for g, mask in groups.items():
+            model.Add(sum(x[v][int(i)] for i in np.nonzero(mask)[0]) <= group_used[g])
+    for g, latency in problem.group_latency.items():
+        coef = int(round(latency * scale))
+        if coef:
+            objective.append(coef * group_used[g])
     mem_unit = max(1.0, (options.memory_budget or 1.0) / 1e7)
     mem_exprs = []
     for point in points:
@@ -576,6 +663,9 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
     for v, lits in enumerate(x):
         for i, lit in enumerate(lits):
             model.AddHint(lit, int(hint[v] == i))
+    hinted_groups = used_groups(problem, hint)
+    for g, var in group_used.items():
+        model.AddHint(var, int(g in hinted_groups))
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = options.time_limit
     solver.parameters.num_workers = options.num_workers

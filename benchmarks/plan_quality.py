@@ -1,0 +1,591 @@
+"""Plan quality: autoplan's plans against the manual baselines, priced from the HLO XLA compiled.
+
+For every benchmark workload (model x mesh x cluster) this lowers and compiles
+the autoplan plan and every baseline of `autoplan.baselines.ALL` through the
+same emitter (`autoplan.autoparallel(..., planner=...)`), reads the optimized
+HLO with `autoplan._src.hlo.compiled_report` and compares:
+
+* plan quality: autoplan's compiled step time over the best baseline's
+  (target <= 1.00), and whether autoplan's compiled peak memory fits the device;
+* honest predictions: the plan's predicted memory, communication bytes and
+  step time against the compiled ones (relative error, signed:
+  (predicted - compiled) / compiled).
+
+Run: python benchmarks/plan_quality.py [--models gpt-small,...] [--meshes 8,2x4,4x2]
+                                       [--clusters a100-8x,a100-4x] [--quick] [--dump-hlo DIR]
+Writes benchmarks/results/plan_quality.{csv,md,png} (one row per workload) and
+plan_quality_all.csv (one row per plan: autoplan and every baseline).
+Everything runs on 8 fake CPU devices; nothing executes, programs are only compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+
+if __name__ == "__main__":  # before the backend starts; the tests' conftest does the same
+    jax.config.update("jax_num_cpu_devices", 8)
+
+import numpy as np
+
+import autoplan
+from autoplan._src import cluster as C
+from autoplan._src import hlo
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODELS = ("gpt-small", "moe-small", "wresnet-small", "mlp-small")
+MESHES = ("8", "2x4", "4x2")
+CLUSTERS = ("a100-8x", "a100-4x")
+QUICK = {"models": ("mlp-small", "gpt-small"), "meshes": ("2x4",), "clusters": ("a100-8x",)}
+TARGET_RATIO = 1.00
+ERROR_THRESHOLD = 0.20  # prediction errors above this are flagged in the summary
+AUTOPLAN = "autoplan"
+
+# Summary row (one per workload).  Times in ms, memory in GiB, communication in MB (1e6 bytes).
+SUMMARY_FIELDS = (
+    "model", "mesh", "cluster", "autoplan_step_ms", "best_baseline", "best_baseline_step_ms", "ratio",
+    "meets_target", "rs_best_baseline", "ratio_rs_adjusted",
+    "autoplan_memory_gib", "xla_peak_gib", "device_memory_gib", "fits",
+    "predicted_memory_gib", "memory_rel_err", "memory_rel_err_xla_peak",
+    "predicted_comm_mb", "compiled_comm_mb", "comm_rel_err", "rs_adjusted_comm_mb", "comm_rel_err_rs_adjusted",
+    "predicted_step_ms", "step_rel_err", "predicted_collectives", "compiled_collectives", "xla_remat_warnings",
+    "plan_seconds", "compile_seconds", "baselines_failed")
+
+# Long-format row (one per plan).
+ALL_FIELDS = (
+    "model", "mesh", "cluster", "planner", "status", "error", "plan_seconds", "compile_seconds",
+    "predicted_step_seconds", "predicted_compute_seconds", "predicted_communication_seconds",
+    "predicted_communication_bytes", "predicted_memory_bytes", "predicted_collectives",
+    "step_seconds", "compute_seconds", "communication_seconds", "communication_bytes", "memory_bytes",
+    "flops", "bytes_accessed", "argument_bytes", "output_bytes", "temp_bytes", "alias_bytes",
+    "generated_code_bytes", "compiled_collectives", "compiled_collective_elements",
+    "compiled_all_reduce", "compiled_all_gather", "compiled_reduce_scatter", "compiled_all_to_all",
+    "compiled_collective_permute", "memory_upper_bytes", "all_reduce_sliced_bytes",
+    "rs_adjusted_communication_seconds", "rs_adjusted_communication_bytes", "rs_adjusted_step_seconds",
+    "xla_remat_warnings", "device_memory_bytes", "fits", "step_ratio_to_autoplan")
+
+
+# ----------------------------------------------------------------------------- workloads
+
+
+def parse_mesh(text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """"8" -> ((8,), ("data",)); "2x4" -> ((2, 4), ("data", "model"))."""
+    shape = tuple(int(s) for s in text.lower().split("x"))
+    names = {1: ("data",), 2: ("data", "model"), 3: ("pipe", "data", "model")}.get(len(shape))
+    if names is None:
+        raise ValueError(f"mesh {text!r}: expected 1 to 3 axes like 8, 2x4 or 2x2x2")
+    return shape, names
+
+
+def mesh_label(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def get_cluster(name: str) -> autoplan.Cluster:
+    """A preset, or "<preset>-<k>x"-style variants: "a100-4x" is a100-8x with 4 devices per node."""
+    if name in autoplan.clusters:
+        return autoplan.clusters[name]
+    family, _, per_node = name.rpartition("-")
+    for preset_name, preset in autoplan.clusters.items():
+        if preset_name.rpartition("-")[0] == family and per_node.endswith("x") and per_node[:-1].isdigit():
+            return dataclasses.replace(preset, name=name, devices_per_node=int(per_node[:-1]))
+    raise ValueError(f"unknown cluster {name!r}; presets: {sorted(autoplan.clusters)} or e.g. 'a100-4x'")
+
+
+def device_mesh(shape: Sequence[int], names: Sequence[str]) -> jax.sharding.Mesh:
+    """Devices in id order, so that HLO device ids are row-major mesh positions."""
+    n = math.prod(shape)
+    devices = jax.devices()
+    if len(devices) < n:
+        raise RuntimeError(f"mesh {mesh_label(shape)} needs {n} devices, jax has {len(devices)}; "
+                           "set jax.config.update('jax_num_cpu_devices', 8) before the backend starts")
+    return jax.sharding.Mesh(np.array(devices[:n]).reshape(shape), tuple(names))
+
+
+def planners_for(names: Sequence[str]) -> list[str]:
+    """autoplan and the baselines; megatron_dp on a one-axis mesh is megatron (no data axis left): skipped."""
+    out = [AUTOPLAN]
+    for b in autoplan.baselines.ALL:
+        if b == "megatron_dp" and len(names) < 2:
+            continue
+        out.append(b)
+    return out
+
+
+# ----------------------------------------------------------------------------- measuring one plan
+
+
+_REMAT = "Involuntary full rematerialization"
+
+
+@contextlib.contextmanager
+def capture_native_stderr():
+    """Collect what native code (XLA's C++ logging) writes to fd 2 meanwhile; yields a list that gets the text."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read().decode(errors="replace"))
+
+
+def _split_xla_log(text: str) -> tuple[list[str], str]:
+    """(SPMD 'involuntary full rematerialization' warnings, everything else)."""
+    remat, rest = [], []
+    for line in text.splitlines():
+        (remat if _REMAT in line else rest).append(line)
+    return remat, "\n".join(rest)
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
+_REF = re.compile(r"%([\w.\-]+)")
+_GTE = re.compile(r"get-tuple-element\(%(?P<src>[\w.\-]+)\),\s*index=(?P<index>\d+)")
+
+
+def sliced_all_reduces(text: str, report: hlo.CompiledReport) -> set[tuple[str, str, int | None]]:
+    """All-reduce elements whose every user keeps only this device's 1/n slice (``partition-id`` offsets).
+
+    That is a reduce-scatter written as all-reduce + dynamic-slice: XLA's GPU
+    pipeline rewrites it into a reduce-scatter (ReduceScatterCreator), the CPU
+    pipeline leaves it as an all-reduce (2x the wire bytes).  Returns
+    (computation, instruction, tuple index) keys.
+    """
+    lines: dict[str, str] = {}
+    users: dict[str, list[str]] = {}
+    gtes: dict[tuple[str, int], list[str]] = {}
+    for raw in text.splitlines():
+        m = _INSTR.match(raw)
+        if not m:
+            continue
+        name, rest = m["name"], m["rest"]
+        lines[name] = rest
+        for ref in set(_REF.findall(rest.split(", metadata=")[0])):
+            users.setdefault(ref, []).append(name)
+        g = _GTE.search(rest)
+        if g:
+            gtes.setdefault((g["src"], int(g["index"])), []).append(name)
+    out = set()
+    for c in report.collectives:
+        if c.kind != "all-reduce" or c.group_size <= 1:
+            continue
+        values = gtes.get((c.name, c.index), []) if c.index is not None else [c.name]
+        consumers = [u for v in values for u in users.get(v, [])]
+        if not consumers:
+            continue
+        elements = math.prod(c.shape)
+        ok = True
+        for u in consumers:
+            rest = lines.get(u, "")
+            try:
+                shape, _ = hlo._parse_shape(rest)
+            except (ValueError, IndexError):
+                ok = False
+                break
+            if isinstance(shape, list) or ("partition-id" not in rest and "dynamic-slice(" not in rest) \
+                    or math.prod(shape[1]) * c.group_size != elements:
+                ok = False
+                break
+        if ok:
+            out.add((c.computation, c.name, c.index))
+    return out
+
+
+def reduce_scatter_adjusted(report: hlo.CompiledReport, sliced: set, mesh, cluster) -> tuple[float, float]:
+    """(communication seconds, wire bytes) with the sliced all-reduce elements priced as reduce-scatters."""
+    mesh = C.MeshShape.from_mesh(mesh)
+    colls = [dataclasses.replace(c, kind="reduce-scatter", name=c.name + "#rs")
+             if (c.computation, c.name, c.index) in sliced else c for c in report.collectives]
+    return hlo.communication_seconds(colls, mesh, cluster), float(sum(c.wire_bytes for c in colls))
+
+
+
+def measure_plan(spec, mesh: jax.sharding.Mesh, cluster: autoplan.Cluster, planner: str,
+                 dump_dir: str | None = None) -> dict:
+    """Plan (+ emit + lower) and compile one planner's program; price it with `compiled_report`."""
+    params, opt_state = spec.abstract_state()
+    batch = spec.abstract_batch()
+    fn = None if planner == AUTOPLAN else getattr(autoplan.baselines, planner)
+    row: dict = {"planner": planner, "status": "ok", "error": ""}
+    try:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step = autoplan.autoparallel(spec.train_step, mesh=mesh, cluster=cluster, planner=fn)
+            lowered = step.lower(params, opt_state, batch)
+        row["plan_seconds"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with capture_native_stderr() as log:
+            compiled = lowered.compile()
+        row["compile_seconds"] = time.perf_counter() - start
+        remat, other = _split_xla_log(log[0])
+        if other.strip():
+            print(other, file=sys.stderr)
+        plan = step.plan
+        report = hlo.compiled_report(compiled, mesh, cluster)
+        text = compiled.as_text()
+    except Exception as e:  # noqa: BLE001 - a failing baseline is a result, not a crash
+        row.update(status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        return row
+    sliced = sliced_all_reduces(text, report)
+    rs_seconds, rs_bytes = reduce_scatter_adjusted(report, sliced, mesh, cluster)
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        stem = os.path.join(dump_dir, f"{spec.name}_{mesh_label(mesh.devices.shape)}_{cluster.name}_{planner}")
+        with open(stem + ".hlo.txt", "w") as f:
+            f.write(text)
+        with open(stem + ".xla_warnings.txt", "w") as f:
+            f.write("\n".join(remat))
+        with open(stem + ".plan.txt", "w") as f:
+            f.write(plan.summary(max_rows=1000))
+            f.write("\n\nPredicted collectives:\n")
+            for c in plan.collectives:
+                f.write(f"{c.where}\t{c.op}\t{c.kind}\t{','.join(c.axes)}\t{c.nbytes:.0f}\t{c.wire_bytes:.0f}"
+                        f"\t{c.seconds:.3e}\n")
+    instructions = {(c.computation, c.name): c.kind for c in report.collectives}
+    kinds = Counter(instructions.values())
+    cost = plan.cost
+    upper = report.argument_bytes + report.output_bytes + report.temp_bytes - report.alias_bytes
+    row.update(
+        predicted_step_seconds=cost.step_seconds, predicted_compute_seconds=cost.compute_seconds,
+        predicted_communication_seconds=cost.communication_seconds,
+        predicted_communication_bytes=cost.communication_bytes, predicted_memory_bytes=cost.memory_bytes,
+        predicted_collectives=len(plan.collectives),
+        step_seconds=report.step_seconds, compute_seconds=report.compute_seconds,
+        communication_seconds=report.communication_seconds, communication_bytes=report.communication_bytes,
+        memory_bytes=report.memory_bytes, flops=report.flops, bytes_accessed=report.bytes_accessed,
+        argument_bytes=report.argument_bytes, output_bytes=report.output_bytes, temp_bytes=report.temp_bytes,
+        alias_bytes=report.alias_bytes, generated_code_bytes=report.generated_code_bytes,
+        compiled_collectives=len(instructions), compiled_collective_elements=len(report.collectives),
+        compiled_all_reduce=kinds["all-reduce"], compiled_all_gather=kinds["all-gather"],
+        compiled_reduce_scatter=kinds["reduce-scatter"], compiled_all_to_all=kinds["all-to-all"],
+        compiled_collective_permute=kinds["collective-permute"],
+        memory_upper_bytes=upper,
+        all_reduce_sliced_bytes=float(sum(c.nbytes for c in report.collectives
+                                          if (c.computation, c.name, c.index) in sliced)),
+        rs_adjusted_communication_seconds=rs_seconds, rs_adjusted_communication_bytes=rs_bytes,
+        rs_adjusted_step_seconds=report.compute_seconds + rs_seconds,
+        xla_remat_warnings=len(remat),
+        device_memory_bytes=cluster.device_memory, fits=max(report.memory_bytes, upper) <= cluster.device_memory)
+    return row
+
+
+def rel_err(predicted: float, compiled: float) -> float:
+    """(predicted - compiled) / compiled; 0 when both are 0, inf when only compiled is 0."""
+    if compiled == 0:
+        return 0.0 if predicted == 0 else math.inf
+    return (predicted - compiled) / compiled
+
+
+def summarize(model: str, mesh: str, cluster: autoplan.Cluster, plans: Sequence[dict]) -> dict:
+    """The workload's summary row from its per-plan rows (first is autoplan)."""
+    auto = plans[0]
+    baselines = [p for p in plans[1:] if p["status"] == "ok"]
+    failed = [p["planner"] for p in plans[1:] if p["status"] != "ok"]
+    row = {"model": model, "mesh": mesh, "cluster": cluster.name, "baselines_failed": " ".join(failed)}
+    if auto["status"] != "ok":
+        return row | {"best_baseline": "", "meets_target": False, "fits": False}
+    best = min(baselines, key=lambda p: p["step_seconds"]) if baselines else None
+    ratio = auto["step_seconds"] / best["step_seconds"] if best else math.nan
+    rs_best = min(baselines, key=lambda p: p["rs_adjusted_step_seconds"]) if baselines else None
+    for p in plans:
+        if p["status"] == "ok":
+            p["step_ratio_to_autoplan"] = p["step_seconds"] / auto["step_seconds"]
+    row.update(
+        autoplan_step_ms=auto["step_seconds"] * 1e3,
+        best_baseline=best["planner"] if best else "",
+        best_baseline_step_ms=best["step_seconds"] * 1e3 if best else math.nan,
+        ratio=ratio, meets_target=bool(ratio <= TARGET_RATIO + 1e-9),
+        rs_best_baseline=rs_best["planner"] if rs_best else "",
+        ratio_rs_adjusted=(auto["rs_adjusted_step_seconds"] / rs_best["rs_adjusted_step_seconds"]
+                           if rs_best else math.nan),
+        autoplan_memory_gib=auto["memory_upper_bytes"] / 2**30, xla_peak_gib=auto["memory_bytes"] / 2**30,
+        device_memory_gib=cluster.device_memory / 2**30, fits=auto["fits"],
+        predicted_memory_gib=auto["predicted_memory_bytes"] / 2**30,
+        memory_rel_err=rel_err(auto["predicted_memory_bytes"], auto["memory_upper_bytes"]),
+        memory_rel_err_xla_peak=rel_err(auto["predicted_memory_bytes"], auto["memory_bytes"]),
+        predicted_comm_mb=auto["predicted_communication_bytes"] / 1e6,
+        compiled_comm_mb=auto["communication_bytes"] / 1e6,
+        comm_rel_err=rel_err(auto["predicted_communication_bytes"], auto["communication_bytes"]),
+        rs_adjusted_comm_mb=auto["rs_adjusted_communication_bytes"] / 1e6,
+        comm_rel_err_rs_adjusted=rel_err(auto["predicted_communication_bytes"],
+                                         auto["rs_adjusted_communication_bytes"]),
+        predicted_step_ms=auto["predicted_step_seconds"] * 1e3,
+        step_rel_err=rel_err(auto["predicted_step_seconds"], auto["step_seconds"]),
+        predicted_collectives=auto["predicted_collectives"], compiled_collectives=auto["compiled_collectives"],
+        xla_remat_warnings=auto["xla_remat_warnings"],
+        plan_seconds=auto["plan_seconds"], compile_seconds=auto["compile_seconds"])
+    return row
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def run(models: Iterable[str] = MODELS, meshes: Iterable[str] = MESHES, clusters: Iterable[str] = CLUSTERS,
+        *, progress: bool = True, dump_dir: str | None = None,
+        log: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
+    """Measure every (model, mesh, cluster): returns (summary rows, per-plan rows)."""
+    models, meshes, clusters = list(models), [parse_mesh(m) for m in meshes], [get_cluster(c) for c in clusters]
+    jobs = [(m, shape, names, c, p) for m in models for shape, names in meshes for c in clusters
+            for p in planners_for(names)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), unit="plan", dynamic_ncols=True, file=sys.stderr)
+    summary, everything = [], []
+    for model in models:
+        spec = autoplan.models.get(model)
+        for shape, names in meshes:
+            mesh = device_mesh(shape, names)
+            for cluster in clusters:
+                plans = []
+                for planner in planners_for(names):
+                    if bar is not None:
+                        bar.set_description(f"{model} {mesh_label(shape)} {cluster.name} {planner}")
+                    row = {"model": model, "mesh": mesh_label(shape), "cluster": cluster.name}
+                    row |= measure_plan(spec, mesh, cluster, planner, dump_dir)
+                    plans.append(row)
+                    if bar is not None:
+                        bar.update()
+                srow = summarize(model, mesh_label(shape), cluster, plans)
+                summary.append(srow)
+                everything.extend(plans)
+                message = (f"{model} {mesh_label(shape)} {cluster.name}: ratio {_fmt(srow.get('ratio'))} "
+                           f"(autoplan {_fmt(srow.get('autoplan_step_ms'))} ms, {srow.get('best_baseline')} "
+                           f"{_fmt(srow.get('best_baseline_step_ms'))} ms); errors mem {_pct(srow.get('memory_rel_err'))}"
+                           f" comm {_pct(srow.get('comm_rel_err'))} step {_pct(srow.get('step_rel_err'))}")
+                (log or (bar.write if bar is not None else print))(message)
+        jax.clear_caches()  # compiled programs of this model are no longer needed: keep peak memory down
+    if bar is not None:
+        bar.close()
+    return summary, everything
+
+
+# ----------------------------------------------------------------------------- writing results
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def _pct(value) -> str:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{100 * value:+.1f}%"
+
+
+def _csv_value(value):
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return value
+
+
+def write_csv(path: str, rows: Sequence[dict], fields: Sequence[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k, "")) for k in fields})
+
+
+_MD_COLUMNS = (  # (header, field, formatter)
+    ("model", "model", str), ("mesh", "mesh", str), ("cluster", "cluster", str),
+    ("autoplan ms", "autoplan_step_ms", _fmt), ("best baseline", "best_baseline", str),
+    ("baseline ms", "best_baseline_step_ms", _fmt), ("ratio", "ratio", lambda v: _fmt(v, 3)),
+    ("mem GiB", "autoplan_memory_gib", lambda v: _fmt(v, 3)), ("fits", "fits", _fmt),
+    ("pred mem GiB", "predicted_memory_gib", lambda v: _fmt(v, 3)), ("mem err", "memory_rel_err", _pct),
+    ("pred comm MB", "predicted_comm_mb", _fmt), ("comm MB", "compiled_comm_mb", _fmt),
+    ("comm err", "comm_rel_err", _pct), ("pred step ms", "predicted_step_ms", _fmt),
+    ("step err", "step_rel_err", _pct), ("colls pred/XLA", None, None),
+    ("plan+compile s", None, None),
+)
+
+
+def _md_cell(row: dict, header: str, field, formatter) -> str:
+    if header == "colls pred/XLA":
+        return f"{row.get('predicted_collectives', '')}/{row.get('compiled_collectives', '')}"
+    if header == "plan+compile s":
+        if "plan_seconds" not in row:
+            return ""
+        return f"{row['plan_seconds']:.1f}+{row['compile_seconds']:.1f}"
+    value = row.get(field, "")
+    return formatter(value) if value != "" else ""
+
+
+def _worst(rows: Sequence[dict], key: str, absolute: bool = False) -> dict | None:
+    usable = [r for r in rows if isinstance(r.get(key), float) and not math.isnan(r[key])]
+    if not usable:
+        return None
+    return max(usable, key=lambda r: abs(r[key]) if absolute else r[key])
+
+
+def write_markdown(path: str, summary: Sequence[dict], everything: Sequence[dict], command: str,
+                   wall_seconds: float) -> None:
+    ok = [r for r in summary if isinstance(r.get("ratio"), float) and not math.isnan(r["ratio"])]
+    meets = sum(bool(r["meets_target"]) for r in ok)
+    fits = sum(bool(r.get("fits")) for r in summary)
+    lines = [
+        "# Plan quality: autoplan vs manual baselines, priced from XLA's compiled HLO", "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}; "
+        f"8 fake CPU devices. Command: `{command}` ({wall_seconds:.0f} s wall).", "",
+        "Step times are `autoplan._src.hlo.compiled_report` of the compiled program: XLA's flops / device "
+        "FLOP/s plus the alpha-beta time of every collective in the optimized HLO, no overlap. "
+        f"Baselines: {', '.join(autoplan.baselines.ALL)} (megatron_dp skipped on 1-axis meshes, where it "
+        "equals megatron). ratio = autoplan step / best baseline step (target <= 1.00). "
+        "Errors are (predicted - compiled) / compiled for autoplan's plan: memory = `plan.cost.memory_bytes` "
+        "vs XLA's peak (`memory_analysis`), comm = `plan.cost.communication_bytes` vs wire bytes of the "
+        "compiled collectives, step = `plan.cost.step_seconds` vs the compiled step. "
+        "'colls pred/XLA' = collectives the plan lists / collective instructions in the HLO "
+        "(a combined tuple all-reduce counts once). Cluster a100-4x is a100-8x with 4 devices per node.", "",
+        "## Summary", "",
+        f"- Rows meeting ratio <= {TARGET_RATIO:.2f}: **{meets} / {len(summary)}**.",
+        f"- autoplan's compiled memory fits the device in {fits} / {len(summary)} rows.",
+    ]
+    worst = _worst(ok, "ratio")
+    if worst:
+        lines.append(f"- Worst ratio: **{worst['ratio']:.3f}** ({worst['model']} {worst['mesh']} {worst['cluster']}: "
+                     f"autoplan {worst['autoplan_step_ms']:.4g} ms vs {worst['best_baseline']} "
+                     f"{worst['best_baseline_step_ms']:.4g} ms).")
+    for key, label in (("memory_rel_err", "memory"), ("comm_rel_err", "communication"), ("step_rel_err", "step")):
+        w = _worst(ok, key, absolute=True)
+        if w:
+            flagged = sum(abs(r[key]) > ERROR_THRESHOLD for r in ok if isinstance(r.get(key), float))
+            lines.append(f"- Worst {label} prediction error: **{_pct(w[key])}** ({w['model']} {w['mesh']} "
+                         f"{w['cluster']}); {flagged} / {len(ok)} rows beyond +-{ERROR_THRESHOLD:.0%}.")
+    failed = [(r["model"], r["mesh"], r["cluster"], r["baselines_failed"]) for r in summary if r.get("baselines_failed")]
+    if failed:
+        lines.append("- Baselines that failed to plan or compile: "
+                     + "; ".join(f"{m} {me} {c}: {b}" for m, me, c, b in failed) + ".")
+    auto_failed = [r for r in everything if r["planner"] == AUTOPLAN and r["status"] != "ok"]
+    for r in auto_failed:
+        lines.append(f"- autoplan FAILED on {r['model']} {r['mesh']} {r['cluster']}: {r['error']}")
+    lines += ["", "## Results", "",
+              "| " + " | ".join(h for h, _, _ in _MD_COLUMNS) + " |",
+              "|" + "---|" * len(_MD_COLUMNS)]
+    for row in summary:
+        lines.append("| " + " | ".join(_md_cell(row, h, f, fmt) for h, f, fmt in _MD_COLUMNS) + " |")
+    lines += ["", "## Every plan (compiled step ms; ratio to autoplan in parentheses)", ""]
+    planners = [AUTOPLAN, *autoplan.baselines.ALL]
+    lines += ["| model | mesh | cluster | " + " | ".join(planners) + " |", "|" + "---|" * (3 + len(planners))]
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in everything:
+        by_key.setdefault((r["model"], r["mesh"], r["cluster"]), {})[r["planner"]] = r
+    for (model, mesh, cluster), plans in by_key.items():
+        cells = []
+        for p in planners:
+            r = plans.get(p)
+            if r is None:
+                cells.append("-")
+            elif r["status"] != "ok":
+                cells.append("error")
+            else:
+                cells.append(f"{r['step_seconds'] * 1e3:.4g} ({r['step_ratio_to_autoplan']:.2f})")
+        lines.append(f"| {model} | {mesh} | {cluster} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-plan details (all report fields, predicted and compiled): `plan_quality_all.csv`.", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_plot(path: str, summary: Sequence[dict]) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in summary if isinstance(r.get("ratio"), float) and not math.isnan(r["ratio"])]
+    if not rows:
+        return False
+    labels = [f"{r['model']} {r['mesh']}\n{r['cluster']}" for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.5))
+    colors = ["tab:green" if r <= TARGET_RATIO + 1e-9 else "tab:red" for r in ratios]
+    ax.bar(range(len(rows)), ratios, color=colors)
+    ax.axhline(TARGET_RATIO, color="grey", ls="--", label=f"target {TARGET_RATIO:.2f}")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_ylabel("autoplan step / best baseline step")
+    ax.set_title("Plan quality (compiled HLO, alpha-beta cluster model)")
+    for i, r in enumerate(ratios):
+        ax.text(i, r, f"{r:.2f}", ha="center", va="bottom", fontsize=6)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_results(summary: Sequence[dict], everything: Sequence[dict], out_dir: str = RESULTS, *,
+                  command: str = "python benchmarks/plan_quality.py", wall_seconds: float = 0.0) -> dict[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"plan_quality{k}") for k in (".csv", "_all.csv", ".md", ".png")}
+    write_csv(paths[".csv"], summary, SUMMARY_FIELDS)
+    write_csv(paths["_all.csv"], everything, ALL_FIELDS)
+    write_markdown(paths[".md"], summary, everything, command, wall_seconds)
+    if not write_plot(paths[".png"], summary):
+        del paths[".png"]
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", help=f"comma-separated zoo names (default: {','.join(MODELS)})")
+    parser.add_argument("--meshes", help=f"comma-separated mesh shapes (default: {','.join(MESHES)})")
+    parser.add_argument("--clusters", help=f"comma-separated clusters (default: {','.join(CLUSTERS)})")
+    parser.add_argument("--quick", action="store_true",
+                        help="mlp-small and gpt-small on a 2x4 mesh of a100-8x (explicit flags win)")
+    parser.add_argument("--out", default=RESULTS, help="output folder (default: benchmarks/results)")
+    parser.add_argument("--dump-hlo", metavar="DIR", help="also write each compiled HLO and plan summary here")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else {"models": MODELS, "meshes": MESHES, "clusters": CLUSTERS}
+    pick = lambda flag, key: flag.split(",") if flag else list(defaults[key])  # noqa: E731
+    models, meshes, clusters = pick(args.models, "models"), pick(args.meshes, "meshes"), pick(args.clusters, "clusters")
+    start = time.perf_counter()
+    summary, everything = run(models, meshes, clusters, progress=not args.no_progress, dump_dir=args.dump_hlo)
+    wall = time.perf_counter() - start
+    command = "python benchmarks/plan_quality.py" + ("" if argv is None and len(sys.argv) == 1 else
+                                                     " " + " ".join(sys.argv[1:] if argv is None else argv))
+    paths = write_results(summary, everything, args.out, command=command, wall_seconds=wall)
+    meets = sum(bool(r.get("meets_target")) for r in summary)
+    print(f"{meets}/{len(summary)} rows meet ratio <= {TARGET_RATIO:.2f}; {wall:.0f} s; wrote "
+          + ", ".join(os.path.relpath(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
