@@ -32,7 +32,7 @@ def device_mesh(mesh_shape: C.MeshShape, devices: Sequence | None = None) -> jax
     accepted as inputs and resharded as needed.
 
     >>> from autoplan._src.cluster import MeshShape
-    >>> device_mesh(MeshShape(axis_names=("data", "model"), axis_sizes=(2, 4))).shape
+    >>> dict(device_mesh(MeshShape(axis_names=("data", "model"), axis_sizes=(2, 4))).shape)
     {'data': 2, 'model': 4}
     """
     devices = list(jax.devices() if devices is None else devices)
