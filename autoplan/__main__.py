@@ -84,10 +84,16 @@ def _short_summary(plan) -> str:
 def train_command(args) -> int:
     _start_jax(args)
     import jax
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's informational warnings (read-only managers, ...)
 
     from autoplan._src import training
 
-    shape = tuple(int(s) for s in args.mesh.lower().split("x")) if args.mesh else None
+    try:
+        shape = tuple(int(s) for s in args.mesh.lower().split("x")) if args.mesh else None
+    except ValueError:
+        raise training.TrainingError(f"--mesh {args.mesh!r}: give axis sizes like 8 or 2x4") from None
     main = jax.process_index() == 0
     if main:
         print(f"autoplan train: {args.model} for {args.steps} steps on {jax.device_count()} "
@@ -112,7 +118,9 @@ def train_command(args) -> int:
             print(f"loss {first:.4f} -> {last:.4f} over steps {min(result.losses)}..{max(result.losses)}"
                   + (f" (resumed from checkpoint {result.resumed_from})" if result.resumed_from is not None else ""))
         if args.ckpt:
-            print(f"checkpoints in {args.ckpt} (latest step {max(result.losses) if result.losses else 0})")
+            from autoplan import checkpoint
+
+            print(f"checkpoints in {args.ckpt} (steps {checkpoint.all_steps(args.ckpt)})")
         if args.log_file:
             import json
 
@@ -144,7 +152,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m autoplan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="plan a small GPT on 8 fake CPU devices and print the plan")
+    d = sub.add_parser("demo", help="plan a small GPT on 8 fake CPU devices, print the plan, then train it")
     d.add_argument("--model", default="gpt-tiny")
     d.add_argument("--cluster", default="a100-8x")
     d.add_argument("--steps", type=int, default=30, help="training steps after planning (default 30)")

@@ -95,8 +95,14 @@ class SyntheticData:
         return self._batches[(int(step) - 1) % self.pool]
 
     def local_batch(self, step: int, shardings) -> dict[str, np.ndarray]:
-        """This process's slice of the batch of ``step`` under ``shardings`` (a pytree like the batch)."""
-        return jax.tree_util.tree_map(lambda x, s: x[_process_slice(s, x.shape)], self.global_batch(step), shardings)
+        """This process's block of the batch of ``step`` under ``shardings`` (a pytree like the batch)."""
+        def local(x, sharding):
+            box = _process_slice(sharding, x.shape)
+            if box is None:
+                raise ValueError(f"the sharding {sharding} gives this process non-contiguous rows")
+            return x[box]
+
+        return jax.tree_util.tree_map(local, self.global_batch(step), shardings)
 
     def batch(self, step: int, shardings):
         """The batch of ``step`` ready for the step function.
@@ -106,23 +112,28 @@ class SyntheticData:
         """
         if jax.process_count() == 1:
             return self.global_batch(step)
-        local = self.local_batch(step, shardings)
-        return jax.tree_util.tree_map(
-            lambda x, s, g: jax.make_array_from_process_local_data(s, x, g.shape),
-            local, shardings, self.global_batch(step))
+
+        def assemble(x: np.ndarray, sharding):
+            box = _process_slice(sharding, x.shape)
+            if box is None:  # this process's rows are not one block: build each device's shard instead
+                return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+            return jax.make_array_from_process_local_data(sharding, x[box], x.shape)
+
+        return jax.tree_util.tree_map(assemble, self.global_batch(step), shardings)
 
 
-def _process_slice(sharding: jax.sharding.Sharding, shape: Sequence[int]) -> tuple[slice, ...]:
-    """The box of the global array held by this process's devices (assumed contiguous, as jax does)."""
+def _process_slice(sharding: jax.sharding.Sharding, shape: Sequence[int]) -> tuple[slice, ...] | None:
+    """The block of the global array that this process's devices hold, or None if it is not one block."""
     index_map = sharding.addressable_devices_indices_map(tuple(shape))
     box = []
     for dim, size in enumerate(shape):
-        starts, stops = [], []
-        for index in index_map.values():
-            start, stop, _ = index[dim].indices(size)
-            starts.append(start)
-            stops.append(stop)
-        box.append(slice(min(starts), max(stops)))
+        intervals = sorted({index[dim].indices(size)[:2] for index in index_map.values()})
+        start, stop = intervals[0]
+        for lo, hi in intervals[1:]:
+            if lo > stop:  # a gap: the process holds rows from separate places
+                return None
+            stop = max(stop, hi)
+        box.append(slice(start, stop))
     return tuple(box)
 
 
@@ -262,6 +273,13 @@ def train(spec_or_name, steps: int, *, mesh=None, devices: Sequence | None = Non
     say = (log if (main and log is not None) else (lambda _msg: None))
     _install_test_hooks()
 
+    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=keep) if ckpt_dir is not None else None
+    latest = checkpointer.latest_step() if checkpointer is not None else None
+    if latest is not None and not resume:
+        raise TrainingError(
+            f"{checkpointer.path} already holds checkpoints (latest step {latest}); pass resume=True "
+            "(--resume) to continue that run, or use an empty directory")
+
     device_mesh = make_mesh(mesh, devices)
     step_fn = autoparallel(spec.train_step, mesh=device_mesh, cluster=cluster,
                            planner=_resolve_planner(planner), plan=plan)
@@ -274,20 +292,24 @@ def train(spec_or_name, steps: int, *, mesh=None, devices: Sequence | None = Non
     params_sharding, opt_sharding, batch_sharding = E.input_named_shardings(the_plan, run_mesh)
     data = SyntheticData(spec, seed=seed, pool=pool)
 
-    checkpointer = ckpt_lib.Checkpointer(ckpt_dir, keep=keep) if ckpt_dir is not None else None
     history: dict[int, float] = {}
     resumed_from = None
     try:
-        latest = checkpointer.latest_step() if checkpointer is not None else None
-        if latest is not None and not resume:
-            raise TrainingError(
-                f"{checkpointer.path} already holds checkpoints (latest step {latest}); pass resume=True "
-                "(--resume) to continue that run, or use an empty directory")
         if latest is not None:
-            (params, opt_state), resumed_from = checkpointer.restore(the_plan, mesh=run_mesh)
+            try:
+                (params, opt_state), resumed_from = checkpointer.restore(the_plan, mesh=run_mesh)
+            except ckpt_lib.CheckpointError as e:
+                earlier = [s for s in checkpointer.all_steps() if s != latest]
+                if "corrupt" in str(e) and earlier:
+                    raise ckpt_lib.CheckpointError(
+                        f"{e}. Nothing was loaded or overwritten; to resume from checkpoint {earlier[-1]} "
+                        f"instead, move {checkpointer.path / str(latest)} out of the directory and resume "
+                        "again") from None
+                raise
             history = _read_log(ckpt_dir, spec.name, seed, pool, upto=resumed_from, say=say)
             say(f"resumed from checkpoint {resumed_from} in {checkpointer.path} "
-                f"(mesh {dict(run_mesh.shape)}, plan {the_plan.name!r}); continuing at step {resumed_from + 1}")
+                f"(mesh {dict(run_mesh.shape)}, plan {the_plan.name!r})"
+                + (f"; continuing at step {resumed_from + 1}" if resumed_from < steps else ""))
         else:
             if resume and checkpointer is not None:
                 say(f"no checkpoint in {checkpointer.path}: starting from step 1")
@@ -295,6 +317,8 @@ def train(spec_or_name, steps: int, *, mesh=None, devices: Sequence | None = Non
             params, opt_state = init()
 
         first = (resumed_from or 0) + 1
+        if first > steps:
+            say(f"checkpoint {resumed_from} is already at or past step {steps}: nothing to train")
         losses = dict(history)
         bar = _progress_bar(spec.name, steps, first - 1, enabled=progress and main)
         write = (lambda msg: bar.write(msg, file=sys.stdout)) if (bar is not None and log is print) else say
