@@ -456,21 +456,54 @@ def _neighbors(problem: Problem) -> dict[int, list[tuple[int, np.ndarray]]]:
     return neighbors
 
 
+def _group_cost(problem: Problem, v: int, group_count: dict[tuple, int]) -> np.ndarray:
+    """Per choice of ``v``: latency of the combined groups it would be the only user of."""
+    cost = np.zeros(problem.num_choices[v])
+    for group, mask in (problem.var_groups[v] if problem.var_groups else {}).items():
+        if group_count.get(group, 0) == 0:
+            cost += mask * problem.group_latency[group]
+    return cost
+
+
+def _count_groups(problem: Problem, choice: np.ndarray, skip: int = -1) -> dict[tuple, int]:
+    counts: dict[tuple, int] = defaultdict(int)
+    for v, groups in enumerate(problem.var_groups):
+        if v == skip or choice[v] < 0:
+            continue
+        for group, mask in groups.items():
+            counts[group] += int(mask[choice[v]])
+    return counts
+
+
 def greedy_choice(problem: Problem) -> np.ndarray:
-    """Warm start: each variable, in graph order, takes its cheapest choice given earlier ones."""
+    """Warm start: the better of two greedy passes, one paying each combined latency when first
+    used and one treating it as paid (which favours plans whose gradients share one collective)."""
+    starts = [_greedy(problem, groups_paid=False)]
+    if problem.group_latency:
+        starts.append(_greedy(problem, groups_paid=True))
+    return min(starts, key=lambda choice: objective_of(problem, choice))
+
+
+def _greedy(problem: Problem, *, groups_paid: bool) -> np.ndarray:
+    """Each variable, in graph order, takes its cheapest choice given earlier ones; then ICM."""
     first_op = np.full(problem.num_vars, np.iinfo(np.int64).max)
     np.minimum.at(first_op, problem.op_var, np.arange(len(problem.op_var)))
     order = np.argsort(first_op, kind="stable")
     neighbors = _neighbors(problem)
     choice = np.full(problem.num_vars, -1, dtype=np.int64)
+    group_count: dict[tuple, int] = defaultdict(int)
+    if groups_paid:
+        group_count.update({group: 1 for group in problem.group_latency})
     for v in order:
-        cost = _full_node_cost(problem, v)
+        cost = problem.node_cost[v] + _group_cost(problem, v, group_count)
         for u, m in neighbors[v]:
             if choice[u] >= 0:
                 cost += m[:, choice[u]]
         if problem.allowed[v] is not None:
             cost[~problem.allowed[v]] = np.inf
         choice[v] = int(np.argmin(cost))
+        for group, mask in (problem.var_groups[v] if problem.var_groups else {}).items():
+            group_count[group] += int(mask[choice[v]])
     return improve_locally(problem, choice, neighbors)
 
 
@@ -482,7 +515,9 @@ def improve_locally(problem: Problem, choice: np.ndarray, neighbors=None, rounds
     for _ in range(rounds):
         changed = False
         for v in range(problem.num_vars):
-            cost = _full_node_cost(problem, v)
+            cost = problem.node_cost[v].copy()
+            if problem.var_groups and problem.var_groups[v]:
+                cost += _group_cost(problem, v, _count_groups(problem, choice, skip=v))
             for u, m in neighbors[v]:
                 cost += m[:, choice[u]]
             if problem.allowed[v] is not None:
@@ -609,6 +644,7 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
             coef = int(round((value - base) * scale))
             if coef:
                 objective.append(coef * x[v][i])
+    edge_hints = []
     for (a, b), m in problem.edge_cost.items():
         # Choices with equal rows (columns) of the cost matrix form one class: fewer edge variables.
         rows, row_class = np.unique(m, axis=0, return_inverse=True)
@@ -630,6 +666,8 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
                 coef = int(round(float(cols[r, c]) * scale))
                 if coef:
                     objective.append(coef * e[r][c])
+        # A complete hint (edge variables too) is a solution CP-SAT can load without searching.
+        edge_hints.append((e, int(row_class[hint[a]]), int(col_class[hint[b]])))
     # Fixed charge: a group's latency is paid once if any choice uses it.
     group_used = {g: model.NewBoolVar(f"g{g}") for g in problem.group_latency}
     for v, groups in enumerate(problem.var_groups):
@@ -663,6 +701,10 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
     for v, lits in enumerate(x):
         for i, lit in enumerate(lits):
             model.AddHint(lit, int(hint[v] == i))
+    for e, hr, hc in edge_hints:
+        for r, row in enumerate(e):
+            for c, var in enumerate(row):
+                model.AddHint(var, int(r == hr and c == hc))
     hinted_groups = used_groups(problem, hint)
     for g, var in group_used.items():
         model.AddHint(var, int(g in hinted_groups))
