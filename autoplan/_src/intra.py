@@ -646,16 +646,24 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
                 objective.append(coef * x[v][i])
     edge_hints = []
     for (a, b), m in problem.edge_cost.items():
-        # Choices with equal rows (columns) of the cost matrix form one class: fewer edge variables.
-        rows, row_class = np.unique(m, axis=0, return_inverse=True)
+        # Only allowed choices take part; choices with equal rows (columns) of the cost matrix form
+        # one class, so an edge costs (row classes x column classes) variables, not (choices^2).
+        live_a = np.nonzero(problem.allowed[a])[0] if problem.allowed[a] is not None else np.arange(m.shape[0])
+        live_b = np.nonzero(problem.allowed[b])[0] if problem.allowed[b] is not None else np.arange(m.shape[1])
+        sub = m[np.ix_(live_a, live_b)]
+        rows, row_class = np.unique(sub, axis=0, return_inverse=True)
         cols, col_class = np.unique(rows, axis=1, return_inverse=True)
         row_class, col_class = row_class.reshape(-1), col_class.reshape(-1)
+        if not cols.any():
+            continue
         row_sum = [[] for _ in range(cols.shape[0])]
-        for i, r in enumerate(row_class):
-            row_sum[r].append(x[a][i])
+        for i, r in zip(live_a, row_class):
+            row_sum[r].append(x[a][int(i)])
         col_sum = [[] for _ in range(cols.shape[1])]
-        for j, c in enumerate(col_class):
-            col_sum[c].append(x[b][j])
+        for j, c in zip(live_b, col_class):
+            col_sum[c].append(x[b][int(j)])
+        hint_row = int(row_class[np.searchsorted(live_a, hint[a])]) if hint[a] in live_a else -1
+        hint_col = int(col_class[np.searchsorted(live_b, hint[b])]) if hint[b] in live_b else -1
         e = [[model.NewBoolVar("") for _ in range(cols.shape[1])] for _ in range(cols.shape[0])]
         for r in range(cols.shape[0]):
             model.Add(sum(e[r]) == sum(row_sum[r]))
@@ -667,7 +675,9 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
                 if coef:
                     objective.append(coef * e[r][c])
         # A complete hint (edge variables too) is a solution CP-SAT can load without searching.
-        edge_hints.append((e, int(row_class[hint[a]]), int(col_class[hint[b]])))
+        for r in range(cols.shape[0]):
+            for c in range(cols.shape[1]):
+                edge_hints.append(((e[r][c],), int(r == hint_row and c == hint_col)))
     # Fixed charge: a group's latency is paid once if any choice uses it.
     group_used = {g: model.NewBoolVar(f"g{g}") for g in problem.group_latency}
     for v, groups in enumerate(problem.var_groups):
@@ -701,10 +711,8 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
     for v, lits in enumerate(x):
         for i, lit in enumerate(lits):
             model.AddHint(lit, int(hint[v] == i))
-    for e, hr, hc in edge_hints:
-        for r, row in enumerate(e):
-            for c, var in enumerate(row):
-                model.AddHint(var, int(r == hr and c == hc))
+    for (var,), value in edge_hints:
+        model.AddHint(var, value)
     hinted_groups = used_groups(problem, hint)
     for g, var in group_used.items():
         model.AddHint(var, int(g in hinted_groups))
