@@ -51,7 +51,9 @@ def test_contracting_dim_sharded_matmul_all_reduces_over_model(mesh):
     # Per-device flops: a quarter of the matmul (plus the all-reduce's additions).
     assert report.flops == pytest.approx(2 * m * n * k / 4, rel=0.05)
     assert report.step_seconds == pytest.approx(report.compute_seconds + report.communication_seconds)
-    assert report.compute_seconds == pytest.approx(report.flops / CLUSTER.device_flops)
+    assert report.bytes_accessed > m * k * 4  # at least the operands are read
+    assert report.compute_seconds == pytest.approx(
+        report.flops / CLUSTER.device_flops + report.bytes_accessed / CLUSTER.memory_bandwidth)
 
 
 def _mlp_step(params, x, y):
@@ -226,6 +228,27 @@ def test_parser_async_pairs_are_counted_once():
         ("collective-permute", "cps", ("data",), 128 * 256 * 4)]
 
 
+def test_parser_gpu_async_forms_count_results_once():
+    """XLA:GPU's async collectives print (operands, results): read the results, once."""
+    text = _module(
+        "%ars = ((f32[1000]{0}), f32[1000]{0}) all-reduce-start(%c), channel_id=1, "
+        "replica_groups=mesh['axis_0'=8] {'axis_0'}, use_global_device_ids=true, to_apply=%add, "
+        "output_to_operand_aliasing={{1}: (0, {})}",
+        "%ard = f32[1000]{0} all-reduce-done(%ars)",
+        "%rss = ((f32[64,8]{1,0}, f32[64]{0}), (f32[8,8]{1,0}, f32[8]{0})) reduce-scatter-start(%a, %b), "
+        "channel_id=2, replica_groups=mesh['axis_0'=8] {'axis_0'}, dimensions={0}, to_apply=%add",
+        "%rsd = (f32[8,8]{1,0}, f32[8]{0}) reduce-scatter-done(%rss)",
+        "%a2s = ((f32[16,4]{1,0}), (f32[16,4]{1,0})) all-to-all-start(%x), channel_id=3, "
+        "replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}",
+        "ROOT %a2d = f32[16,4]{1,0} all-to-all-done(%a2s)")
+    colls = hlo.collectives(text, MESH_SHAPE)
+    assert [(c.kind, c.name, c.shape, c.nbytes, c.index) for c in colls] == [
+        ("all-reduce", "ars", (1000,), 4000, None),
+        ("reduce-scatter", "rss", (8, 8), 64 * 8 * 4, 0),  # priced on the unscattered buffer
+        ("reduce-scatter", "rss", (8,), 64 * 4, 1),
+        ("all-to-all", "a2s", (16, 4), 16 * 4 * 4, 0)]  # a one-element result tuple
+
+
 def test_parser_collective_permute_ignores_self_pairs_and_maps_devices():
     text = _module("%cp = f32[8]{0} collective-permute(%p), source_target_pairs={{0,0},{1,2},{2,1},{3,3}}")
     (c,) = hlo.collectives(text, MESH_SHAPE)
@@ -282,7 +305,53 @@ def test_report_accepts_older_analysis_formats():
     report = hlo.compiled_report(_FakeCompiled(text), {"data": 2, "model": 4}, CLUSTER)
     assert report.flops == 2e9 and report.bytes_accessed == 1e6
     assert report.memory_bytes == 100 + 50 + 30 - 20 and report.generated_code_bytes == 7
-    assert report.compute_seconds == pytest.approx(2e9 / CLUSTER.device_flops)
+    assert report.compute_seconds == pytest.approx(2e9 / CLUSTER.device_flops + 1e6 / CLUSTER.memory_bandwidth)
     expected = collective_seconds("all-reduce", 4096, ("data", "model"), MESH_SHAPE, CLUSTER)
     assert report.step_seconds == pytest.approx(report.compute_seconds + expected)
     assert np.isclose(report.communication_bytes, 2 * 7 / 8 * 4096)
+
+
+def test_sliced_all_reduce_is_priced_as_reduce_scatter():
+    text = """HloModule m, num_partitions=4
+ENTRY %main (p: f32[8,4]) -> f32[2,4] {
+  %p = f32[8,4]{1,0} parameter(0)
+  %ar = f32[8,4]{1,0} all-reduce(%p), replica_groups={{0,1,2,3}}, to_apply=%add
+  %pid = u32[] partition-id()
+  ROOT %f = f32[2,4]{1,0} fusion(%ar, %pid), kind=kLoop, calls=%fc
+}"""
+    mesh = {"data": 4}
+    colls = hlo.collectives(text, mesh)
+    sliced = hlo.sliced_all_reduces(text, colls)
+    assert sliced == {("main", "ar", None)}
+    report = hlo.CompiledReport(cluster="a100-8x", flops=0.0, bytes_accessed=0.0, memory_bytes=0.0,
+                                argument_bytes=0.0, output_bytes=0.0, temp_bytes=0.0, alias_bytes=0.0,
+                                generated_code_bytes=0.0, collectives=tuple(colls), communication_bytes=0.0,
+                                communication_seconds=0.0, compute_seconds=1.0, step_seconds=1.0)
+    gpu = hlo.with_reduce_scatters(report, sliced, mesh, "a100-8x")
+    assert gpu.communication_bytes == pytest.approx(3 / 4 * 128)  # reduce-scatter of 128 bytes over 4 devices
+    assert gpu.communication_seconds == pytest.approx(hlo.communication_seconds(
+        [hlo.HloCollective(kind="reduce-scatter", name="rs", dtype="f32", shape=(2, 4), nbytes=128, group_size=4,
+                           axes=("data",))], mesh, "a100-8x"))
+    assert gpu.step_seconds == pytest.approx(1.0 + gpu.communication_seconds)
+    # A consumer that needs the whole buffer keeps it an all-reduce.
+    whole = text.replace("ROOT %f = f32[2,4]{1,0} fusion(%ar, %pid)", "ROOT %f = f32[8,4]{1,0} negate(%ar)")
+    assert hlo.sliced_all_reduces(whole, colls) == set()
+
+
+def test_cpu_reduce_scatter_is_found_in_compiled_hlo():
+    """A matmul split on its contraction with a row-split result: the CPU writes all-reduce + slice."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))  # noqa: E731
+    f = jax.jit(lambda a, b: a @ b, in_shardings=(shard(None, "data"), shard("data", None)),
+                out_shardings=shard("data", None))
+    compiled = f.lower(jax.ShapeDtypeStruct((64, 256), jnp.float32),
+                       jax.ShapeDtypeStruct((256, 128), jnp.float32)).compile()
+    report = hlo.compiled_report(compiled, mesh, "a100-8x")
+    sliced = hlo.sliced_all_reduces(compiled, report.collectives)
+    gpu = hlo.with_reduce_scatters(report, sliced, mesh, "a100-8x")
+    full = 64 * 128 * 4
+    if any(c.kind == "reduce-scatter" for c in report.collectives):  # a backend that emits it directly
+        assert report.communication_bytes == pytest.approx(7 / 8 * full)
+    else:
+        assert sliced and report.communication_bytes == pytest.approx(2 * 7 / 8 * full)
+    assert gpu.communication_bytes == pytest.approx(7 / 8 * full)

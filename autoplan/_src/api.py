@@ -76,6 +76,33 @@ def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
     return cost, tuple(uses)
 
 
+def plan_anchors(graph: G.Graph, strategies: Sequence[S.Strategy]) -> tuple[P.Anchor, ...]:
+    """The intermediates a plan pins: dot/conv/gather results, and both ends of every reshard."""
+    label = lambda op: f"{op.layer or '<top>'} {op.role} {op.primitive}"  # noqa: E731
+    outputs: dict[tuple[int, int], P.Anchor] = {}
+    operands: list[P.Anchor] = []
+    for op in graph.ops:
+        if op.role not in (G.FORWARD, G.BACKWARD, G.OPTIMIZER):
+            continue
+        if op.primitive in P.ANCHOR_PRIMITIVES:
+            outputs[(op.id, 0)] = P.Anchor(op=op.id, output=0, label=label(op), shape=op.output_shapes[0],
+                                           spec=strategies[op.id].output_specs[0])
+        for k, t in enumerate(op.inputs):
+            if t == G.LITERAL or not op.input_shapes[k]:
+                continue
+            tensor = graph.tensors[t]
+            producer = graph.ops[tensor.producer]
+            src = strategies[producer.id].output_specs[tensor.output_index]
+            dst = strategies[op.id].input_specs[k]
+            if src is None or dst is None or src == dst:
+                continue
+            operands.append(P.Anchor(op=op.id, output=0, operand=k, label=label(op), shape=tensor.shape, spec=dst))
+            if producer.role in (G.FORWARD, G.BACKWARD, G.OPTIMIZER):
+                outputs[(producer.id, tensor.output_index)] = P.Anchor(
+                    op=producer.id, output=tensor.output_index, label=label(producer), shape=tensor.shape, spec=src)
+    return tuple(sorted(outputs.values(), key=lambda a: (a.op, a.output))) + tuple(operands)
+
+
 def build_plan(name: str, graph: G.Graph, problem: intra.Problem, solution: intra.Solution,
                memory_budget: float | None, extra_solver: Mapping | None = None) -> P.Plan:
     ctx = problem.ctx
@@ -88,9 +115,7 @@ def build_plan(name: str, graph: G.Graph, problem: intra.Problem, solution: intr
                                    dtype=graph.tensors[graph.ops[op].inputs[0]].dtype,
                                    spec=strategies[op].input_specs[0])
                     for i, op in enumerate(graph.output_ops))
-    anchors = tuple(P.Anchor(op=op.id, output=0, label=f"{op.layer or '<top>'} {op.role} {op.primitive}",
-                             shape=op.output_shapes[0], spec=strategies[op.id].output_specs[0])
-                    for op in graph.ops if op.primitive in P.ANCHOR_PRIMITIVES)
+    anchors = plan_anchors(graph, strategies)
     solver = {"status": solution.status, "solve_seconds": solution.solve_seconds, "num_vars": solution.num_vars,
               "num_edges": solution.num_edges, "objective_seconds": solution.objective_seconds,
               "build_seconds": problem.build_seconds, **(extra_solver or {})}

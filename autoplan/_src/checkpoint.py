@@ -48,8 +48,12 @@ On top of orbax this module adds what a training loop needs to trust a restore:
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
+import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -363,6 +367,34 @@ def _committed_steps(path: epath.Path) -> list[int]:
     return sorted(m.step for m in ocp.step.standard_name_format().find_all(path))
 
 
+@contextlib.contextmanager
+def _late_callback_noise_dropped(settle_seconds: float = 0.5):
+    """Hold back what Python code prints to stderr while orbax restores.
+
+    When a read fails, orbax closes its event loop while tensorstore is still
+    finishing the other reads, whose callbacks then print "Event loop is
+    closed" tracebacks from background threads: noise after an error that is
+    already reported cleanly.  On failure, wait for them to settle and drop
+    those; anything else held back is printed as it was.
+    """
+    held, original = io.StringIO(), sys.stderr
+    sys.stderr = held
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        time.sleep(settle_seconds)
+        raise
+    finally:
+        sys.stderr = original
+        text = held.getvalue()
+        if failed and "Event loop is closed" in text:
+            text = ""
+        if text:
+            original.write(text)
+
+
 class Checkpointer:
     """An open checkpoint directory: numbered, atomic, asynchronous saves and resharding restores.
 
@@ -530,7 +562,8 @@ class Checkpointer:
         abstract, paths, display = _abstract_target(target, saved_tree, mesh, step_dir)
 
         try:
-            restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            with _late_callback_noise_dropped():
+                restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # tensorstore / orbax raise assorted types for bad files
             first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" See full TensorStore")[0]
             raise CheckpointError(

@@ -1,7 +1,8 @@
 """Emit a `Plan` as a ``jax.jit`` program.
 
 The plan fixes the layout of every input and output leaf and of the anchor
-intermediates (dot, conv and gather results).  The emitter re-evaluates the
+intermediates (dot, conv and gather results, and both ends of every reshard
+it makes: the producer's result and the consumer's operand).  The emitter re-evaluates the
 step's jaxpr with a small interpreter that walks it exactly as `trace` did
 (same inlining, so the i-th operator here is op ``i`` of the Graph) and pins
 each anchor with ``jax.lax.with_sharding_constraint``; ``jax.jit`` gets the
@@ -83,28 +84,43 @@ class PlanMismatchError(ValueError):
 _EQUATION_ROLES = frozenset({G.FORWARD, G.BACKWARD, G.OPTIMIZER})
 
 
-def anchor_constraints(plan: P.Plan, graph: G.Graph, mesh: jax.sharding.Mesh) -> dict[int, jax.sharding.NamedSharding]:
-    """Anchor shardings keyed by equation ordinal (the k-th non-inlined equation of the walk)."""
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Constraints:
+    """Shardings to pin, keyed by equation ordinal (the k-th non-inlined equation of the walk)."""
+
+    outputs: dict[int, dict[int, jax.sharding.NamedSharding]]
+    operands: dict[int, dict[int, jax.sharding.NamedSharding]]
+
+
+def anchor_constraints(plan: P.Plan, graph: G.Graph, mesh: jax.sharding.Mesh) -> Constraints:
+    """The plan's anchors as shardings per equation ordinal: results, and operands where the plan reshards."""
     ordinal, count = {}, 0
     for op in graph.ops:
         if op.role in _EQUATION_ROLES:
             ordinal[op.id] = count
             count += 1
-    constraints = {}
+    outputs: dict[int, dict[int, jax.sharding.NamedSharding]] = {}
+    operands: dict[int, dict[int, jax.sharding.NamedSharding]] = {}
     for anchor in plan.anchors:
         op = graph.ops[anchor.op] if 0 <= anchor.op < len(graph.ops) else None
-        if op is None or op.id not in ordinal or op.output_shapes[anchor.output] != tuple(anchor.shape):
+        if anchor.operand is None:
+            shapes, index, target = (op.output_shapes if op else ()), anchor.output, outputs
+        else:
+            shapes, index, target = (op.input_shapes if op else ()), anchor.operand, operands
+        if op is None or op.id not in ordinal or not 0 <= index < len(shapes) \
+                or shapes[index] != tuple(anchor.shape):
             raise PlanMismatchError(
                 f"plan {plan.name!r} pins anchor {anchor.op} ({anchor.label}, shape {anchor.shape}) but the traced "
                 "step has no such operator: the plan was made for a different function; re-plan it")
-        constraints[ordinal[op.id]] = jax.sharding.NamedSharding(mesh, S.to_partition_spec(anchor.spec))
-    return constraints
+        sharding = jax.sharding.NamedSharding(mesh, S.to_partition_spec(anchor.spec))
+        target.setdefault(ordinal[op.id], {})[index] = sharding
+    return Constraints(outputs=outputs, operands=operands)
 
 
 class _Interpreter:
-    """Re-evaluates a jaxpr, inlining exactly as `trace` does, and pins anchor outputs."""
+    """Re-evaluates a jaxpr, inlining exactly as `trace` does, and pins anchored operands and results."""
 
-    def __init__(self, constraints: dict[int, jax.sharding.NamedSharding]):
+    def __init__(self, constraints: Constraints):
         self.constraints = constraints
         self.count = 0
 
@@ -113,6 +129,12 @@ class _Interpreter:
 
         def read(atom):
             return compat.literal_value(atom) if compat.is_literal(atom) else env[atom]
+
+        def pin(values, shardings):
+            for index, sharding in (shardings or {}).items():
+                if not jax.dtypes.issubdtype(getattr(values[index], "dtype", None), jax.dtypes.extended):
+                    values[index] = jax.lax.with_sharding_constraint(values[index], sharding)
+            return values
 
         env.update(zip(jaxpr.constvars, consts))
         env.update(zip(jaxpr.invars, args))
@@ -124,11 +146,9 @@ class _Interpreter:
                 with compat.equation_context(eqn):
                     outs = self.run(sub_jaxpr, sub_consts, invals)
             else:
-                outs = compat.bind_equation(eqn, invals)
-                sharding = self.constraints.get(self.count)
+                invals = pin(invals, self.constraints.operands.get(self.count))
+                outs = pin(list(compat.bind_equation(eqn, invals)), self.constraints.outputs.get(self.count))
                 self.count += 1
-                if sharding is not None:
-                    outs[0] = jax.lax.with_sharding_constraint(outs[0], sharding)
             env.update(zip(eqn.outvars, outs))
         return [read(atom) for atom in jaxpr.outvars]
 

@@ -55,7 +55,8 @@ import numpy as np
 
 from autoplan._src import cluster as C
 
-__all__ = ["HloCollective", "CompiledReport", "collectives", "communication_seconds", "compiled_report"]
+__all__ = ["HloCollective", "CompiledReport", "collectives", "communication_seconds", "compiled_report",
+           "sliced_all_reduces", "with_reduce_scatters"]
 
 # Opcode as printed -> kind reported.  ``-done`` halves are deliberately absent.
 _OPCODES = {
@@ -64,7 +65,9 @@ _OPCODES = {
     "all-gather": "all-gather",
     "all-gather-start": "all-gather",
     "reduce-scatter": "reduce-scatter",
+    "reduce-scatter-start": "reduce-scatter",
     "all-to-all": "all-to-all",
+    "all-to-all-start": "all-to-all",
     "collective-permute": "collective-permute",
     "collective-permute-start": "collective-permute",
 }
@@ -124,8 +127,11 @@ class CompiledReport:
     live arguments, outputs and temporaries at the worst point); where a JAX
     version lacks it, ``argument + output + temp - alias``, which is an upper
     bound.  Generated code is reported apart and not counted.
-    ``step_seconds = compute_seconds + communication_seconds``, with
-    ``compute_seconds = flops / cluster.device_flops`` and no overlap.
+    ``step_seconds = compute_seconds + communication_seconds``, no overlap,
+    with ``compute_seconds = flops / cluster.device_flops + bytes_accessed /
+    cluster.memory_bandwidth``: XLA's counts are of the fused program, so the
+    memory term is what its kernels move, and a step is charged for both
+    (the planner's per-operator roofline lies between that and their max).
     """
 
     cluster: str
@@ -446,8 +452,11 @@ def collectives(compiled_or_text, mesh, *, device_positions: Mapping[int, int] |
             continue
         kind = _OPCODES[op["op"]]
         attrs = line[_match_close(line, op.end() - 1):]
-        if op["op"].endswith("-start") and isinstance(shape, list) and kind != "all-reduce":
-            shape = shape[1]  # (operands, results[, contexts]): the results
+        if op["op"].endswith("-start") and isinstance(shape, list) and (
+                kind != "all-reduce" or (len(shape) == 2 and isinstance(shape[0], list))):
+            # (operands, results[, contexts]): the results.  An all-reduce-start is either
+            # that pair (GPU: ``((f32[n]), f32[n])``) or, in older XLA, the results alone.
+            shape = shape[1]
         is_tuple = isinstance(shape, list)
         leaves = _flatten(shape)
         if kind == "collective-permute":
@@ -527,13 +536,91 @@ def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
     flops = float(costs.get("flops", 0.0))
     upper = (memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] + memory["temp_size_in_bytes"]
              - memory["alias_size_in_bytes"])
-    compute = flops / cluster.device_flops
+    bytes_accessed = float(costs.get("bytes accessed", 0.0))
+    compute = flops / cluster.device_flops + bytes_accessed / cluster.memory_bandwidth
     comm = communication_seconds(colls, mesh, cluster)
     return CompiledReport(
-        cluster=cluster.name, flops=flops, bytes_accessed=float(costs.get("bytes accessed", 0.0)),
+        cluster=cluster.name, flops=flops, bytes_accessed=bytes_accessed,
         memory_bytes=memory["peak_memory_in_bytes"] or upper,
         argument_bytes=memory["argument_size_in_bytes"], output_bytes=memory["output_size_in_bytes"],
         temp_bytes=memory["temp_size_in_bytes"], alias_bytes=memory["alias_size_in_bytes"],
         generated_code_bytes=memory["generated_code_size_in_bytes"],
         collectives=colls, communication_bytes=float(sum(c.wire_bytes for c in colls)),
         communication_seconds=comm, compute_seconds=compute, step_seconds=compute + comm)
+
+
+# ----------------------------------------------------------------------------- reduce-scatters
+
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
+_REF = re.compile(r"%([\w.\-]+)")
+_GTE = re.compile(r"get-tuple-element\(%(?P<src>[\w.\-]+)\),\s*index=(?P<index>\d+)")
+
+
+def sliced_all_reduces(compiled_or_text, colls: Sequence[HloCollective]) -> set[tuple[str, str, int | None]]:
+    """All-reduce elements whose every user keeps only this device's 1/n slice (``partition-id`` offsets).
+
+    That is a reduce-scatter written as all-reduce + dynamic-slice: XLA's GPU
+    pipeline rewrites it into a reduce-scatter (ReduceScatterCreator), the CPU
+    pipeline leaves it as an all-reduce (2x the wire bytes).  Returns
+    (computation, instruction, tuple index) keys of ``colls`` (from `collectives`).
+    """
+    text = _hlo_text(compiled_or_text)
+    lines: dict[str, str] = {}
+    operands: dict[str, set[str]] = {}
+    users: dict[str, list[str]] = {}
+    gtes: dict[tuple[str, int], list[str]] = {}
+    from_pid: set[str] = set()  # partition-id and scalars computed from it (slice offsets)
+    for raw in text.splitlines():
+        m = _INSTR.match(raw)
+        if not m:
+            continue
+        name, rest = m["name"], m["rest"]
+        lines[name] = rest
+        refs = set(_REF.findall(rest.split(", metadata=")[0]))
+        operands[name] = refs
+        for ref in refs:
+            users.setdefault(ref, []).append(name)
+        g = _GTE.search(rest)
+        if g:
+            gtes.setdefault((g["src"], int(g["index"])), []).append(name)
+        if " partition-id()" in rest or (re.match(r"[a-z0-9]+\[\]", rest) and refs & from_pid):
+            from_pid.add(name)
+    out = set()
+    for c in colls:
+        if c.kind != "all-reduce" or c.group_size <= 1:
+            continue
+        values = gtes.get((c.name, c.index), []) if c.index is not None else [c.name]
+        consumers = [u for v in values for u in users.get(v, [])]
+        if not consumers:
+            continue
+        elements = math.prod(c.shape)
+        ok = True
+        for u in consumers:
+            rest = lines.get(u, "")
+            try:
+                shape, _ = _parse_shape(rest)
+            except (ValueError, IndexError):
+                ok = False
+                break
+            if isinstance(shape, list) or not (operands.get(u, set()) & from_pid or "dynamic-slice(" in rest) \
+                    or math.prod(shape[1]) * c.group_size != elements:
+                ok = False
+                break
+        if ok:
+            out.add((c.computation, c.name, c.index))
+    return out
+
+
+def with_reduce_scatters(report: CompiledReport, sliced: set, mesh, cluster) -> CompiledReport:
+    """``report`` with the ``sliced`` all-reduce elements priced as the reduce-scatters a GPU build runs.
+
+    ``sliced`` comes from `sliced_all_reduces`.  Compute and memory are
+    unchanged; each re-priced element keeps its own alpha-beta latency.
+    """
+    mesh = C.MeshShape.from_mesh(mesh)
+    cluster = C.get_cluster(cluster)
+    colls = tuple(dataclasses.replace(c, kind="reduce-scatter", name=c.name + "#rs")
+                  if (c.computation, c.name, c.index) in sliced else c for c in report.collectives)
+    comm = communication_seconds(colls, mesh, cluster)
+    return dataclasses.replace(report, collectives=colls, communication_bytes=float(sum(c.wire_bytes for c in colls)),
+                               communication_seconds=comm, step_seconds=report.compute_seconds + comm)

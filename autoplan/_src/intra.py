@@ -36,7 +36,7 @@ from ortools.sat.python import cp_model
 
 from autoplan._src import graph as G
 from autoplan._src.strategies import base as S
-from autoplan._src.strategies.core import ELEMENTWISE
+from autoplan._src.strategies.base import ELEMENTWISE
 
 # Operators that follow an operand's layout rather than getting their own choice.
 FOLLOWERS = frozenset(
@@ -98,11 +98,11 @@ def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
     cache: dict[tuple, list[S.Strategy]] = {}
     warned: set[str] = set()
     out = []
-    for op in graph.ops:
-        key = op.signature
+    for op, traffic in zip(graph.ops, S.fused_traffic(graph)):
+        key = (op.signature, traffic)
         found = cache.get(key)
         if found is None:
-            found = cache[key] = S.strategies_for(op, ctx, warned)
+            found = cache[key] = S.strategies_for(op, ctx, warned, traffic)
         out.append(found)
     return out
 
@@ -362,10 +362,18 @@ def _tensor_bytes_vectors(problem: Problem) -> list[np.ndarray | None]:
 
 
 def live_intervals(graph: G.Graph) -> list[tuple[int, int]]:
-    """(first, last) op index at which each tensor occupies memory."""
+    """(first, last) op index at which each tensor occupies memory.
+
+    Values XLA keeps inside a fusion (`S.fused_traffic`) never occupy device
+    memory: their interval is empty (first > last).
+    """
     end = len(graph.ops)
+    written = [traffic.outputs for traffic in S.fused_traffic(graph)]
     intervals = []
     for tensor in graph.tensors:
+        if not written[tensor.producer][tensor.output_index]:
+            intervals.append((end + 1, end))
+            continue
         first = 0 if graph.ops[tensor.producer].role in (G.INPUT, G.CONSTANT) else tensor.producer
         last = graph.last_use[tensor.id]
         if graph.consumers[tensor.id] and any(graph.ops[c].role == G.OUTPUT for c, _ in graph.consumers[tensor.id]):

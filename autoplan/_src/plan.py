@@ -51,13 +51,22 @@ class LeafSharding:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Anchor:
-    """An intermediate tensor whose layout the plan fixes (op index in the inlined jaxpr order)."""
+    """An intermediate tensor whose layout the plan fixes (op index in the inlined jaxpr order).
+
+    With ``operand`` None it is result ``output`` of the op; otherwise it is
+    the op's ``operand``-th operand as the op reads it, which is where the
+    plan reshards a tensor between its producer and this consumer.  Pinning
+    both ends of such an edge makes XLA run the reshard the plan priced,
+    instead of picking its own (say, all-reducing a weight gradient the plan
+    computes from gathered activations).
+    """
 
     op: int
     output: int
     label: str
     shape: tuple[int, ...]
     spec: S.Spec
+    operand: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -238,7 +247,8 @@ class Plan:
             "inputs": [leaf(x) for x in self.inputs], "outputs": [leaf(x) for x in self.outputs],
             "aliases": {str(k): v for k, v in sorted(self.aliases.items())},
             "anchors": [{"op": a.op, "output": a.output, "label": a.label, "shape": list(a.shape),
-                         "spec": [list(s) for s in a.spec]} for a in self.anchors],
+                         "spec": [list(s) for s in a.spec]} | ({} if a.operand is None else {"operand": a.operand})
+                        for a in self.anchors],
             "op_strategies": list(self.op_strategies),
             "collectives": [dataclasses.asdict(c) | {"axes": list(c.axes)} for c in self.collectives],
             "cost": self.cost.to_dict(), "memory_budget": self.memory_budget,
@@ -276,7 +286,8 @@ class Plan:
                 inputs=tuple(leaf(x) for x in data["inputs"]), outputs=tuple(leaf(x) for x in data["outputs"]),
                 aliases={int(k): int(v) for k, v in data["aliases"].items()},
                 anchors=tuple(Anchor(op=a["op"], output=a["output"], label=a["label"], shape=tuple(a["shape"]),
-                                     spec=tuple(tuple(s) for s in a["spec"])) for a in data["anchors"]),
+                                     spec=tuple(tuple(s) for s in a["spec"]), operand=a.get("operand"))
+                              for a in data["anchors"]),
                 op_strategies=tuple(data["op_strategies"]),
                 collectives=tuple(CollectiveUse(**(c | {"axes": tuple(c["axes"])})) for c in data["collectives"]),
                 cost=C.Cost(**data["cost"]), memory_budget=data["memory_budget"], solver=dict(data["solver"]),

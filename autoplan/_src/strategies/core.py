@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from autoplan._src import graph as G
 from autoplan._src.strategies.base import (
-    Context, Spec, Strategy, assign_axes, enumerate_specs, register_strategy, replicated, replicated_strategy,
+    ELEMENTWISE, Context, Spec, Strategy, assign_axes, enumerate_specs, register_strategy, replicated, replicated_strategy,
     spec_name)
 
 # ---------------------------------------------------------------------------
@@ -33,17 +33,7 @@ def host_callback(op: G.Op, ctx: Context) -> list[Strategy]:
 
 
 # ---------------------------------------------------------------------------
-# Elementwise: every operand and result share one layout.
-
-ELEMENTWISE = (
-    "add", "add_any", "sub", "mul", "div", "rem", "pow", "max", "min", "neg", "sign", "floor", "ceil", "round",
-    "is_finite", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "tan", "asin", "acos",
-    "atan", "atan2", "sinh", "cosh", "asinh", "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "abs", "integer_pow",
-    "square", "reciprocal", "erf", "erfc", "erf_inv", "lgamma", "digamma", "not", "and", "or", "xor", "eq", "ne",
-    "lt", "le", "gt", "ge", "select_n", "clamp", "nextafter", "shift_left", "shift_right_logical",
-    "shift_right_arithmetic", "population_count", "convert_element_type", "stop_gradient", "copy", "copy_p",
-    "imag", "real", "conj", "complex", "reduce_precision", "optimization_barrier", "pjit_identity",
-)
+# Elementwise (`base.ELEMENTWISE`): every operand and result share one layout.
 
 
 def _operand_spec(spec: Spec, operand_shape: Sequence[int], out_shape: Sequence[int]) -> Spec | None:
