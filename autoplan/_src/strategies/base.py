@@ -210,7 +210,8 @@ class OpTraffic:
     outputs: tuple[bool, ...]
 
 
-def fused_traffic(graph: G.Graph) -> list[OpTraffic]:
+@functools.lru_cache(maxsize=8)  # graphs hash by identity; the planner asks several times per solve
+def fused_traffic(graph: G.Graph) -> tuple[OpTraffic, ...]:
     """Per operator, which operands it reads and results it writes in device memory, as XLA fuses.
 
     XLA fuses chains of elementwise and layout operators (and the reductions
@@ -248,7 +249,7 @@ def fused_traffic(graph: G.Graph) -> list[OpTraffic]:
                    for c, _ in graph.consumers[t])
             for t in op.outputs)
         out.append(OpTraffic(inputs=inputs, outputs=outputs))
-    return out
+    return tuple(out)
 
 
 def with_memory_traffic(strategy: Strategy, op: G.Op, ctx: Context, traffic: OpTraffic | None = None
