@@ -219,3 +219,22 @@ def test_time_limit_returns_best_found_with_warning():
         plan = autoplan.plan(spec.train_step, *spec.abstract_state(), spec.abstract_batch(), mesh=mesh,
                              cluster="a100-8x", time_limit=0.05)
     assert plan.solver["status"] == "feasible"
+
+
+def test_a_tensor_resharded_alike_for_two_consumers_is_paid_once():
+    """XLA gathers a gradient once for both backward matmuls that read it; the plan's cost says so."""
+    spec = autoplan.models.get("mlp-small")
+    graph = trace(spec.train_step, *spec.abstract_state(), spec.abstract_batch())
+    ctx = S.Context(mesh=C.MeshShape(axis_names=("data",), axis_sizes=(8,)), cluster=A100)
+    problem = intra.build_problem(graph, ctx)
+    solution = intra.solve(problem)
+    per_edge, _ = api.evaluate(problem, solution.op_strategy, solution.peak_memory)
+    shared, uses = api.evaluate(problem, solution.op_strategy, solution.peak_memory, share_reshards=True)
+    assert per_edge.step_seconds == pytest.approx(solution.objective_seconds, rel=1e-9)
+    assert shared.communication_bytes < per_edge.communication_bytes  # this plan reshards for two consumers
+    assert shared.compute_seconds == per_edge.compute_seconds
+    reshards = [(u.where, u.op, u.kind, u.nbytes) for u in uses if u.op.startswith("reshard")]
+    plan = autoplan.plan(spec.train_step, *spec.abstract_state(), spec.abstract_batch(),
+                         mesh=jax.sharding.AbstractMesh((8,), ("data",)), cluster=A100)
+    assert plan.cost.communication_bytes == pytest.approx(shared.communication_bytes)
+    assert len(reshards) == len([u for u in plan.collectives if u.op.startswith("reshard")])

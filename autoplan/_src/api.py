@@ -31,11 +31,18 @@ def resolve_mesh(mesh=None, num_devices: int | None = None) -> list[C.MeshShape]
             for m in range(1, num_devices + 1) if num_devices % m == 0]
 
 
-def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
-             ) -> tuple[C.Cost, tuple[P.CollectiveUse, ...]]:
-    """The cost model's verdict on one strategy per operator (the ILP objective, itemized)."""
+def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float, *,
+             share_reshards: bool = False) -> tuple[C.Cost, tuple[P.CollectiveUse, ...]]:
+    """The cost model's verdict on one strategy per operator (the ILP objective, itemized).
+
+    With ``share_reshards`` a tensor resharded to the same layout for several
+    consumers is paid once, as XLA's common-subexpression elimination runs it
+    (the ILP, which prices each consumer edge on its own, over-counts those):
+    the plan's reported cost uses it, the ILP objective is the default.
+    """
     graph, ctx = problem.graph, problem.ctx
     compute = comm = comm_bytes = 0.0
+    resharded: set[tuple[int, S.Spec]] = set()
     uses: list[P.CollectiveUse] = []
     groups: dict[tuple, float] = {}  # combined gradient collectives: latency once per (kind, axes)
     for op in graph.ops:
@@ -59,8 +66,9 @@ def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
             producer = graph.ops[tensor.producer]
             src = problem.strategies[producer.id][op_strategy[producer.id]].output_specs[tensor.output_index]
             dst = strategy.input_specs[k]
-            if src == dst or src is None or dst is None:
+            if src == dst or src is None or dst is None or (share_reshards and (t, dst) in resharded):
                 continue
+            resharded.add((t, dst))
             for col in S.reshard_collectives(src, dst, tensor.shape, tensor.dtype, ctx):
                 comm += col.seconds
                 comm_bytes += col.wire_bytes
@@ -107,7 +115,7 @@ def build_plan(name: str, graph: G.Graph, problem: intra.Problem, solution: intr
                memory_budget: float | None, extra_solver: Mapping | None = None) -> P.Plan:
     ctx = problem.ctx
     strategies = [problem.strategies[i][s] for i, s in enumerate(solution.op_strategy)]
-    cost, uses = evaluate(problem, solution.op_strategy, solution.peak_memory)
+    cost, uses = evaluate(problem, solution.op_strategy, solution.peak_memory, share_reshards=True)
     inputs = tuple(P.LeafSharding(path=graph.input_paths[i], shape=graph.ops[op].output_shapes[0],
                                   dtype=graph.ops[op].output_dtypes[0], spec=strategies[op].output_specs[0])
                    for i, op in enumerate(graph.input_ops))
