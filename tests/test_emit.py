@@ -153,9 +153,7 @@ def test_compiled_communication_and_memory_match_the_prediction(model, planner):
     Communication is read from the optimized HLO, with the all-reduce + slice
     pairs the CPU backend leaves for reduce-scatters priced as the
     reduce-scatters a GPU build emits; memory is XLA's argument + output +
-    temporaries - aliased bytes per device.  The planner may overcharge a
-    little: it prices a tensor resharded for two consumers twice, where XLA
-    reuses one collective (megatron on moe-tiny: +26%).
+    temporaries - aliased bytes per device.
     """
     from autoplan._src import hlo
 
@@ -167,7 +165,10 @@ def test_compiled_communication_and_memory_match_the_prediction(model, planner):
     report = hlo.compiled_report(compiled, mesh, "a100-8x")
     report = hlo.with_reduce_scatters(report, hlo.sliced_all_reduces(compiled, report.collectives), mesh, "a100-8x")
     cost = step.plan.cost
-    assert cost.communication_bytes == pytest.approx(report.communication_bytes, rel=0.3), step.plan.summary()
+    # abs: mlp-tiny's plans move a few KiB, where XLA splits a 32-byte all-to-all into eight; gpt-tiny
+    # and moe-tiny move 0.8 and 2.4 MB, checked to 30%.
+    assert cost.communication_bytes == pytest.approx(report.communication_bytes, rel=0.3, abs=64e3), \
+        step.plan.summary()
     memory = report.argument_bytes + report.output_bytes + report.temp_bytes - report.alias_bytes
     # Looser: at tiny sizes XLA's fixed scratch (MoE routing, sort buffers) is a large share (megatron on
     # moe-tiny: -35%); on the benchmark sizes the worst row is 21% (benchmarks/results/plan_quality.md).
