@@ -202,7 +202,18 @@ def main(argv=None) -> int:
         if getattr(args, "coordinator", None):
             prefix = f"[process {args.process_id}] "
         print(f"{prefix}error: {e}", file=sys.stderr)
+        _quiet_teardown()
         return 2
+
+
+def _quiet_teardown() -> None:
+    """After a reported error, drop what background threads (orbax's abandoned reads) print on the way out."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if sys.stderr is sys.__stderr__:  # a real process (the CLI), not a test capturing output
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
 
 
 def _is_user_error(e: BaseException) -> bool:

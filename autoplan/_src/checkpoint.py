@@ -50,6 +50,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import io
+import logging
 import os
 import sys
 import threading
@@ -371,11 +372,13 @@ def _committed_steps(path: epath.Path) -> list[int]:
 def _late_callback_noise_dropped(settle_seconds: float = 0.5):
     """Hold back what Python code prints to stderr while orbax restores.
 
-    When a read fails, orbax closes its event loop while tensorstore is still
-    finishing the other reads, whose callbacks then print "Event loop is
-    closed" tracebacks from background threads: noise after an error that is
-    already reported cleanly.  On failure, wait for them to settle and drop
-    those; anything else held back is printed as it was.
+    When a read fails, orbax abandons its other reads: their callbacks print
+    "Event loop is closed" tracebacks from background threads, and their
+    coroutines, when collected, "Exception ignored in" reports.  That is
+    noise after an error `restore` already reports cleanly.  On failure,
+    wait for the callbacks, drop what was held back, and silence those
+    coroutines' reports for the rest of the process; on success, print what
+    was held back as it was.
     """
     held, original = io.StringIO(), sys.stderr
     sys.stderr = held
@@ -384,15 +387,41 @@ def _late_callback_noise_dropped(settle_seconds: float = 0.5):
         yield
     except BaseException:
         failed = True
+        _silence_abandoned_orbax_reads()
         time.sleep(settle_seconds)
         raise
     finally:
         sys.stderr = original
-        text = held.getvalue()
-        if failed and "Event loop is closed" in text:
-            text = ""
-        if text:
-            original.write(text)
+        if not failed and held.getvalue():
+            original.write(held.getvalue())
+
+
+class _AbandonedReadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "never retrieved" not in record.getMessage()
+
+
+def _silence_abandoned_orbax_reads() -> None:
+    """Drop the reports of orbax reads left behind by a failed restore.
+
+    Their coroutines print 'Exception ignored' when collected, and their
+    futures are logged by asyncio as 'exception was never retrieved'.
+    """
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadFilter) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_AbandonedReadFilter())
+    previous = sys.unraisablehook
+    if getattr(previous, "_autoplan_filter", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and "orbax" in code.co_filename:
+            return
+        previous(unraisable)
+
+    hook._autoplan_filter = True
+    sys.unraisablehook = hook
 
 
 class Checkpointer:
