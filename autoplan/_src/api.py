@@ -41,12 +41,13 @@ def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
     the plan's reported cost uses it, the ILP objective is the default.
     """
     graph, ctx = problem.graph, problem.ctx
+    strategies = [problem.strategies[i][s] for i, s in enumerate(op_strategy)]
     compute = comm = comm_bytes = 0.0
     resharded: set[tuple[int, S.Spec]] = set()
     uses: list[P.CollectiveUse] = []
     groups: dict[tuple, float] = {}  # combined gradient collectives: latency once per (kind, axes)
     for op in graph.ops:
-        strategy = problem.strategies[op.id][op_strategy[op.id]]
+        strategy = strategies[op.id]
         compute += strategy.compute_seconds
         where = f"{op.layer or '<top>'} {op.role}"
         combined = intra.combined_latency(strategy, ctx) if op.id in problem.combined_ops else {}
@@ -59,16 +60,10 @@ def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
             uses.append(P.CollectiveUse(where=where, op=op.primitive, kind=col.kind, axes=col.axes,
                                         nbytes=col.nbytes, wire_bytes=col.wire_bytes, seconds=seconds))
         groups.update(combined)
-        for k, t in enumerate(op.inputs):
-            if t == G.LITERAL:
+        for _, tensor, producer, src, dst in _reshards(graph, op, strategies):
+            if share_reshards and (tensor.id, dst) in resharded:
                 continue
-            tensor = graph.tensors[t]
-            producer = graph.ops[tensor.producer]
-            src = problem.strategies[producer.id][op_strategy[producer.id]].output_specs[tensor.output_index]
-            dst = strategy.input_specs[k]
-            if src == dst or src is None or dst is None or (share_reshards and (t, dst) in resharded):
-                continue
-            resharded.add((t, dst))
+            resharded.add((tensor.id, dst))
             for col in S.reshard_collectives(src, dst, tensor.shape, tensor.dtype, ctx):
                 comm += col.seconds
                 comm_bytes += col.wire_bytes
@@ -84,6 +79,19 @@ def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
     return cost, tuple(uses)
 
 
+def _reshards(graph: G.Graph, op: G.Op, strategies: Sequence[S.Strategy]):
+    """(operand index, tensor, producer, src spec, dst spec) of each operand ``op`` reads in a new layout."""
+    for k, t in enumerate(op.inputs):
+        if t == G.LITERAL:
+            continue
+        tensor = graph.tensors[t]
+        producer = graph.ops[tensor.producer]
+        src = strategies[producer.id].output_specs[tensor.output_index]
+        dst = strategies[op.id].input_specs[k]
+        if src is not None and dst is not None and src != dst:
+            yield k, tensor, producer, src, dst
+
+
 def plan_anchors(graph: G.Graph, strategies: Sequence[S.Strategy]) -> tuple[P.Anchor, ...]:
     """The intermediates a plan pins: dot/conv/gather results, and both ends of every reshard."""
     label = lambda op: f"{op.layer or '<top>'} {op.role} {op.primitive}"  # noqa: E731
@@ -95,14 +103,8 @@ def plan_anchors(graph: G.Graph, strategies: Sequence[S.Strategy]) -> tuple[P.An
         if op.primitive in P.ANCHOR_PRIMITIVES:
             outputs[(op.id, 0)] = P.Anchor(op=op.id, output=0, label=label(op), shape=op.output_shapes[0],
                                            spec=strategies[op.id].output_specs[0])
-        for k, t in enumerate(op.inputs):
-            if t == G.LITERAL or not op.input_shapes[k]:
-                continue
-            tensor = graph.tensors[t]
-            producer = graph.ops[tensor.producer]
-            src = strategies[producer.id].output_specs[tensor.output_index]
-            dst = strategies[op.id].input_specs[k]
-            if src is None or dst is None or src == dst:
+        for k, tensor, producer, src, dst in _reshards(graph, op, strategies):
+            if not tensor.shape:
                 continue
             operands.append(P.Anchor(op=op.id, output=0, operand=k, label=label(op), shape=tensor.shape, spec=dst))
             if producer.role in (G.FORWARD, G.BACKWARD, G.OPTIMIZER):

@@ -551,7 +551,6 @@ def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
 
 # ----------------------------------------------------------------------------- reduce-scatters
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
 _REF = re.compile(r"%([\w.\-]+)")
 _GTE = re.compile(r"get-tuple-element\(%(?P<src>[\w.\-]+)\),\s*index=(?P<index>\d+)")
 
@@ -571,7 +570,7 @@ def sliced_all_reduces(compiled_or_text, colls: Sequence[HloCollective]) -> set[
     gtes: dict[tuple[str, int], list[str]] = {}
     from_pid: set[str] = set()  # partition-id and scalars computed from it (slice offsets)
     for raw in text.splitlines():
-        m = _INSTR.match(raw)
+        m = _INSTRUCTION.match(raw)
         if not m:
             continue
         name, rest = m["name"], m["rest"]

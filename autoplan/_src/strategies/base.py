@@ -381,7 +381,7 @@ def reshard_collectives(src: Spec, dst: Spec, shape: Sequence[int], dtype: str, 
     src_pos, dst_pos = axis_positions(src), axis_positions(dst)
     nbytes = math.prod(shape) * G.itemsize(dtype)
     moved = [a for a in src_pos if a in dst_pos and dst_pos[a] != src_pos[a]]
-    if _needs_full_remat(src, dst, moved):
+    if _needs_full_remat(src, dst, src_pos, moved):
         c = ctx.collective("all-gather", nbytes, list(src_pos))
         return (c,) if c is not None else ()
     # Axes past the common prefix of a dimension that stay on it in another order
@@ -405,7 +405,7 @@ def reshard_collectives(src: Spec, dst: Spec, shape: Sequence[int], dtype: str, 
     return tuple(c for c in out if c is not None)
 
 
-def _needs_full_remat(src: Spec, dst: Spec, moved: Sequence[str]) -> bool:
+def _needs_full_remat(src: Spec, dst: Spec, src_pos: dict[str, int], moved: Sequence[str]) -> bool:
     """Whether XLA can only reshard ``src`` to ``dst`` by replicating the tensor first.
 
     Two patterns defeat its all-to-all rewrite: a dimension split over
@@ -415,7 +415,6 @@ def _needs_full_remat(src: Spec, dst: Spec, moved: Sequence[str]) -> bool:
     """
     if not moved:
         return False
-    src_pos = axis_positions(src)
     for d, axes in enumerate(src):
         if len(axes) > 1 and any(a in moved for a in axes) and not set(axes) & set(dst[d]) \
                 and axes not in dst:

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from autoplan._src import graph as G
 from autoplan._src.strategies.base import (
-    ELEMENTWISE, Context, Spec, Strategy, assign_axes, enumerate_specs, register_strategy, replicated, replicated_strategy,
-    spec_name)
+    ELEMENTWISE, Context, Spec, Strategy, assign_axes, enumerate_specs, register_strategy, replicated,
+    replicated_strategy, spec_name)
 
 # ---------------------------------------------------------------------------
 # Graph leaves: any layout, no work.  (Slicing a replicated constant is free.)
