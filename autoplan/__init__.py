@@ -3,6 +3,7 @@
 from autoplan import baselines as baselines
 from autoplan import checkpoint as checkpoint
 from autoplan import models as models
+from autoplan._src.api import AUTO as AUTO
 from autoplan._src.api import plan as plan
 from autoplan._src.autoparallel import AutoParallel as AutoParallel
 from autoplan._src.autoparallel import autoparallel as autoparallel

@@ -152,15 +152,104 @@ def plan_graph(graph: G.Graph, mesh: C.MeshShape, cluster: C.Cluster, *, memory_
                       {"total_seconds": total, "trace_seconds": trace_seconds})
 
 
+class _Auto:
+    """The planner chooses this leaf's layout (the default for every leaf)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "autoplan.AUTO"
+
+
+AUTO = _Auto()
+
+
+def _is_sharding_leaf(x) -> bool:
+    import jax
+
+    return x is None or isinstance(x, (_Auto, jax.sharding.PartitionSpec, jax.sharding.NamedSharding))
+
+
+def spec_from_partition_spec(pspec, shape: Sequence[int], mesh: C.MeshShape, where: str) -> S.Spec:
+    """A `PartitionSpec` (or NamedSharding) as a spec of ``shape`` on ``mesh``, checked.
+
+    Raises ValueError naming ``where`` (a pytree path or an op and source line)
+    for an axis the mesh lacks, a rank mismatch or a dim the axes do not divide.
+
+    >>> import jax
+    >>> from autoplan._src.cluster import MeshShape
+    >>> mesh = MeshShape(axis_names=("data", "model"), axis_sizes=(2, 4))
+    >>> spec_from_partition_spec(jax.sharding.PartitionSpec(("data", "model"), None), (16, 4), mesh, "x")
+    (('data', 'model'), ())
+    """
+    import jax
+
+    if isinstance(pspec, jax.sharding.NamedSharding):
+        pspec = pspec.spec
+    entries = tuple(pspec)
+    if len(entries) > len(shape):
+        raise ValueError(f"{where}: sharding {pspec} has {len(entries)} entries but the array has rank {len(shape)} "
+                         f"(shape {tuple(shape)}); give at most one entry per dimension")
+    spec = []
+    for d, entry in enumerate(entries + (None,) * (len(shape) - len(entries))):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        for axis in axes:
+            if axis not in mesh.axis_names:
+                raise ValueError(f"{where}: sharding {pspec} names mesh axis {axis!r}, which the mesh "
+                                 f"{mesh.as_dict()} lacks; use one of {mesh.axis_names}")
+        if axes and shape[d] % mesh.axis_size(axes):
+            raise ValueError(f"{where}: dimension {d} (size {shape[d]}) of shape {tuple(shape)} cannot be split "
+                             f"over mesh axes {axes} (size {mesh.axis_size(axes)}); pick axes whose sizes divide it")
+        spec.append(axes)
+    return tuple(spec)
+
+
+def pinned_inputs(graph: G.Graph, in_shardings, mesh: C.MeshShape) -> dict[int, list[S.Spec]]:
+    """Input op id -> [spec] for every leaf that ``in_shardings`` (a prefix of the dynamic arguments) fixes."""
+    import jax
+
+    if in_shardings is None:
+        return {}
+    args_tree = jax.tree_util.tree_unflatten(graph.input_tree, list(range(graph.input_tree.num_leaves)))
+    if not isinstance(in_shardings, (tuple, list)) or _is_sharding_leaf(in_shardings):
+        in_shardings = (in_shardings,) * len(args_tree)
+    if len(in_shardings) != len(args_tree):
+        raise ValueError(f"in_shardings has {len(in_shardings)} entries but the step has {len(args_tree)} "
+                         "non-static arguments; give one (prefix) entry per argument")
+    pinned = {}
+    for prefix, subtree in zip(in_shardings, args_tree):
+        prefix_leaves, prefix_tree = jax.tree_util.tree_flatten(prefix, is_leaf=_is_sharding_leaf)
+        try:
+            groups = prefix_tree.flatten_up_to(subtree)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"in_shardings is not a pytree prefix of the step's arguments: {err}") from None
+        for sharding, group in zip(prefix_leaves, groups):
+            if sharding is None or isinstance(sharding, _Auto):
+                continue
+            for leaf in jax.tree_util.tree_leaves(group):
+                op = graph.ops[graph.input_ops[leaf]]
+                pinned[op.id] = [spec_from_partition_spec(sharding, op.output_shapes[0], mesh,
+                                                          f"in_shardings for {graph.input_paths[leaf]!r}")]
+    return pinned
+
+
 def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluster | str | None = None,
          memory_budget: float | None = None, time_limit: float = 60.0, static_argnums: Sequence[int] = (),
-         ) -> P.Plan:
+         in_shardings=None) -> P.Plan:
     """Plan ``fn(*args)`` on a mesh: how to split every input, output and key intermediate.
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; ``mesh`` a
     `jax.sharding.Mesh` or `AbstractMesh` (or pass ``num_devices`` and
     autoplan picks the (data, model) shape).  ``memory_budget`` defaults to
-    the cluster's device memory; ``cluster`` to "cpu".
+    the cluster's device memory; ``cluster`` to "cpu".  ``in_shardings``, a
+    pytree prefix of the non-static arguments like ``jax.jit``'s, fixes the
+    layout of the leaves it names (`PartitionSpec` or `NamedSharding`;
+    ``autoplan.AUTO`` or None leaves them to the planner).
 
     >>> import jax, jax.numpy as jnp, autoplan
     >>> w = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
@@ -181,7 +270,8 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     for candidate in meshes:
         try:
             result = plan_graph(graph, candidate, cluster, memory_budget=budget, time_limit=time_limit,
-                                trace_seconds=trace_seconds)
+                                trace_seconds=trace_seconds,
+                                pinned=pinned_inputs(graph, in_shardings, candidate))
         except intra.PlanningError as err:
             errors.append(err)
             continue

@@ -107,6 +107,31 @@ def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
     return out
 
 
+def _with_pinned_layouts(graph: G.Graph, strategies: list[list[S.Strategy]],
+                         pinned: Mapping[int, Sequence[S.Spec]]) -> list[list[S.Strategy]]:
+    """Give pinned graph leaves their pinned layouts where the rule does not offer them.
+
+    Leaf rules enumerate mesh-ordered specs; a user may pin ``P(("model", "data"))``.
+    """
+    out = list(strategies)
+    updated_by = {graph.input_ops[i]: graph.output_ops[o] for o, i in graph.aliases.items()}
+    for op_id, specs in pinned.items():
+        op = graph.ops[op_id]
+        if op.role not in (G.INPUT, G.OUTPUT):
+            continue
+        have = {s.input_specs[0] if op.role == G.OUTPUT else s.output_specs[0] for s in out[op_id]}
+        extra = [spec for spec in specs if spec not in have]
+        # An updated output shares its input's variable: same list, same order.
+        for target in (op_id, updated_by.get(op_id)) if op.role == G.INPUT else (op_id,):
+            if target is None or not extra:
+                continue
+            as_output = graph.ops[target].role == G.OUTPUT
+            out[target] = out[target] + [
+                S.Strategy(name=S.spec_name(spec), output_specs=() if as_output else (spec,),
+                           input_specs=(spec,) if as_output else ()) for spec in extra]
+    return out
+
+
 def _follow_map(op: G.Op, k: int, prod_strats: list[S.Strategy], out_index: int,
                 own: list[S.Strategy]) -> np.ndarray | None:
     """For each producer strategy, the cheapest own strategy taking operand k as produced; None if any misses."""
@@ -185,7 +210,7 @@ def combined_latency(strategy: S.Strategy, ctx: S.Context) -> dict[tuple, float]
 def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveOptions()) -> Problem:
     start = time.perf_counter()
     ops = graph.ops
-    strategies = _op_strategies(graph, ctx)
+    strategies = _with_pinned_layouts(graph, _op_strategies(graph, ctx), options.pinned)
     n_ops = len(ops)
     root = np.arange(n_ops)  # op -> op whose variable it shares
     maps: list[np.ndarray | None] = [None] * n_ops  # op strategy index per root choice

@@ -284,17 +284,26 @@ def _dedupe(strategies: list[Strategy]) -> list[Strategy]:
 # Enumerating assignments of mesh axes to tensor dimensions.
 
 
-def assign_axes(slot_sizes: Sequence[int], ctx: Context, *, allowed: Sequence[bool] | None = None
-                ) -> Iterator[tuple[tuple[str, ...], ...]]:
+def assign_axes(slot_sizes: Sequence[int], ctx: Context, *, allowed: Sequence[bool] | None = None,
+                any_order: bool = False) -> Iterator[tuple[tuple[str, ...], ...]]:
     """Every way to give each splitting mesh axis to at most one slot (a dimension).
 
     A slot of size n may take axes whose sizes multiply to a divisor of n.
-    Several axes on one slot keep mesh order.  Yields one tuple of axes per slot.
+    Several axes on one slot keep mesh order, or with ``any_order`` come in
+    every order (``P(("model", "data"))`` lays devices out differently from
+    ``P(("data", "model"))``; users' specs use both).  Operators keep mesh
+    order: every order everywhere triples planning time for layouts that
+    XLA's own propagation does not produce from mesh-ordered inputs; a leaf
+    pinned in another order gets that layout too (`intra.build_problem`),
+    and a reshard (a collective-permute) brings it to mesh order.  Yields
+    one tuple of axes per slot.
 
     >>> from autoplan._src.cluster import MeshShape, clusters
-    >>> ctx = Context(mesh=MeshShape(axis_names=("x",), axis_sizes=(2,)), cluster=clusters["cpu"])
-    >>> list(assign_axes([4, 3], ctx))
-    [((), ()), (('x',), ())]
+    >>> ctx = Context(mesh=MeshShape(axis_names=("x", "y"), axis_sizes=(2, 2)), cluster=clusters["cpu"])
+    >>> [a for a in assign_axes([4, 3], ctx) if a[0]]
+    [(('x',), ()), (('y',), ()), (('x', 'y'), ())]
+    >>> [a for a in assign_axes([4, 3], ctx, any_order=True) if a[0]][-1]
+    (('y', 'x'), ())
     """
     axes = ctx.split_axes
     n = len(slot_sizes)
@@ -312,17 +321,18 @@ def assign_axes(slot_sizes: Sequence[int], ctx: Context, *, allowed: Sequence[bo
             per_slot[slot].append(axis)
         if not ok:
             continue
-        result = tuple(tuple(p) for p in per_slot)
-        if any(slot_sizes[i] % ctx.axis_size(result[i]) for i in range(n)):
+        if any(slot_sizes[i] % ctx.axis_size(per_slot[i]) for i in range(n)):
             continue
-        if result not in seen:
-            seen.add(result)
-            yield result
+        orders = (itertools.permutations(p) if any_order else (tuple(p),) for p in per_slot)
+        for result in itertools.product(*orders):
+            if result not in seen:
+                seen.add(result)
+                yield result
 
 
-def enumerate_specs(shape: Sequence[int], ctx: Context) -> list[Spec]:
-    """Every spec of a tensor of ``shape`` on the mesh (replicated first)."""
-    return list(assign_axes(list(shape), ctx))
+def enumerate_specs(shape: Sequence[int], ctx: Context, *, any_order: bool = False) -> list[Spec]:
+    """Every spec of a tensor of ``shape`` on the mesh (replicated first); see `assign_axes`."""
+    return list(assign_axes(list(shape), ctx, any_order=any_order))
 
 
 def spec_name(spec: Spec | None) -> str:

@@ -223,6 +223,7 @@ def dot_general(op: G.Op, ctx: Context) -> list[Strategy]:
         rhs_spec: list[tuple[str, ...]] = [()] * len(rhs_shape)
         out_spec: list[tuple[str, ...]] = [()] * len(out_shape)
         contracted: list[str] = []
+        contracted_groups: list[tuple[str, ...]] = []  # axes per split contracting dim
         for (kind, i), axes in zip(slots, assignment):
             if not axes:
                 continue
@@ -235,6 +236,7 @@ def dot_general(op: G.Op, ctx: Context) -> list[Strategy]:
             else:
                 lhs_spec[lc[i]] = rhs_spec[rc[i]] = axes
                 contracted.extend(axes)
+                contracted_groups.append(axes)
         used = math.prod(ctx.axis_size(a) for a in assignment)
         compute = ctx.compute(flops, used)
         ins = (tuple(lhs_spec), tuple(rhs_spec))
@@ -244,16 +246,44 @@ def dot_general(op: G.Op, ctx: Context) -> list[Strategy]:
             out.append(Strategy(name=label, output_specs=(base,), input_specs=ins, compute_seconds=compute))
             continue
         nbytes = ctx.device_bytes(out_shape, out_dtype, base)
-        ar = ctx.collective("all-reduce", nbytes, contracted)
+        # XLA reduces each split contracting dim's partial sums on its own.
+        ars = tuple(ctx.collective("all-reduce", nbytes, axes) for axes in contracted_groups)
         out.append(Strategy(name=f"{label} all-reduce", output_specs=(base,), input_specs=ins,
-                            compute_seconds=compute, collectives=(ar,)))
-        # Reduce-scatter: the partial sums land split along one result dim.
-        for d, n in enumerate(out_shape):
-            scattered = base[d] + tuple(contracted)
-            if n % ctx.axis_size(scattered):
-                continue
-            rs_spec = base[:d] + (scattered,) + base[d + 1:]
-            rs = ctx.collective("reduce-scatter", nbytes, contracted)
-            out.append(Strategy(name=f"{label} reduce-scatter->d{d}", output_specs=(rs_spec,), input_specs=ins,
-                                compute_seconds=compute, collectives=(rs,)))
+                            compute_seconds=compute, collectives=ars))
+        if len(contracted_groups) == 1:
+            idle = tuple(a for a in ctx.split_axes if not any(a in axes for axes in assignment))
+            out.extend(_reduce_scatter_variants(label, ins, base, contracted, out_shape, out_dtype, compute,
+                                                idle=idle, ctx=ctx))
+    return out
+
+
+def _reduce_scatter_variants(label: str, ins, base: Spec, contracted: Sequence[str], out_shape, out_dtype: str,
+                             compute: float, *, idle: tuple[str, ...], ctx: Context) -> list[Strategy]:
+    """The partial sums of a contracting split land split along one result dim, as XLA runs it.
+
+    XLA's SPMD partitioner scatters only onto a result dim that is not split
+    already (onto a split one it all-reduces and gathers instead, so that
+    layout is reached by the all-reduce strategy and a reshard).  When some
+    mesh axis is ``idle`` (splits nothing in the dot), XLA instead
+    all-reduces pieces of 1/min(idle, contracted) of the result over the
+    contracted axes, and moves them with a collective-permute when the idle
+    axes are the larger.  Both checked against compiled HLO on 2x4 and 4x2
+    meshes (tests/test_strategies_hlo.py).
+    """
+    nbytes = ctx.device_bytes(out_shape, out_dtype, base)
+    if idle:
+        piece = nbytes / min(ctx.axis_size(idle), ctx.axis_size(contracted))
+        collectives = [ctx.collective("all-reduce", piece, contracted)]
+        if ctx.axis_size(idle) > ctx.axis_size(contracted):
+            collectives.append(ctx.collective("p2p", piece, contracted))
+    else:
+        collectives = [ctx.collective("reduce-scatter", nbytes, contracted)]
+    collectives = tuple(c for c in collectives if c is not None)
+    out = []
+    for d, n in enumerate(out_shape):
+        if base[d] or n % ctx.axis_size(contracted):
+            continue
+        rs_spec = base[:d] + (tuple(contracted),) + base[d + 1:]
+        out.append(Strategy(name=f"{label} reduce-scatter->d{d}", output_specs=(rs_spec,), input_specs=ins,
+                            compute_seconds=compute, collectives=collectives))
     return out
