@@ -134,18 +134,28 @@ def _with_pinned_layouts(graph: G.Graph, strategies: list[list[S.Strategy]],
 
 def _follow_map(op: G.Op, k: int, prod_strats: list[S.Strategy], out_index: int,
                 own: list[S.Strategy]) -> np.ndarray | None:
-    """For each producer strategy, the cheapest own strategy taking operand k as produced; None if any misses."""
+    """For each producer strategy, the cheapest own strategy taking operand k as produced.
+
+    None (do not merge) if some producer layout has no own strategy, or leaves
+    a choice of result layout: a broadcast's new dims, a reshape's split dims.
+    Merging such an op would fix that choice by its own cost alone, before the
+    consumers are seen (a causal mask broadcast to (batch, heads, q, k) split
+    over heads where every consumer wants batch).
+    """
     best: dict[S.Spec, int] = {}
+    results: dict[S.Spec, set] = defaultdict(set)
     for j, s in enumerate(own):
         spec = s.input_specs[k]
         if spec is None:
             continue
+        results[spec].add(s.output_specs)
         if spec not in best or s.seconds < own[best[spec]].seconds:
             best[spec] = j
     result = np.empty(len(prod_strats), dtype=np.int64)
     for i, ps in enumerate(prod_strats):
-        j = best.get(ps.output_specs[out_index])
-        if j is None:
+        spec = ps.output_specs[out_index]
+        j = best.get(spec)
+        if j is None or len(results[spec]) > 1:
             return None
         result[i] = j
     return result
