@@ -80,7 +80,7 @@ class Cluster:
         ``dtypes`` are the operand dtypes, ``precision`` the op's
         ``precision`` parameter: None, a `jax.lax.Precision` (or a pair, one
         per operand), a `jax.lax.DotAlgorithmPreset`, or their names.  As
-        JAX documents (docs/201/precision.md), the Precision levels affect
+        JAX documents (its "Matmul precision" page), the Precision levels affect
         float32 operands only: on GPU, DEFAULT and HIGH run as TF32 where the
         device has it (A100, H100; not V100) and HIGHEST as true float32; on
         TPU, DEFAULT is one bfloat16 pass, HIGH three and HIGHEST six; on
@@ -100,22 +100,24 @@ class Cluster:
         """
         if not self.dtype_flops:
             return float(self.device_flops)
-        dtypes = [str(d) for d in dtypes] or ["float32"]
+        dtypes = [d if isinstance(d, str) else np.dtype(d).name for d in dtypes] or ["float32"]
         if isinstance(precision, (tuple, list)):
             names = [_enum_name(p) for p in precision if p is not None]
             if all(n in _PRECISION_LEVELS for n in names):
                 level = max((_PRECISION_LEVELS[n] for n in names), default=0)
                 return min(self._operand_rate(d, level) for d in dtypes)
-            return self._listed("")  # an unknown mix: never cheaper than known
+            return self._slowest()  # an unknown mix: never cheaper than known
         name = "DEFAULT" if precision is None else _enum_name(precision)
         if name in _PRECISION_LEVELS:
             return min(self._operand_rate(d, _PRECISION_LEVELS[name]) for d in dtypes)
         return self._algorithm_rate(name, dtypes)
 
+    def _slowest(self) -> float:
+        return min(self.dtype_flops.values())
+
     def _listed(self, key: str) -> float:
         """The table's rate for ``key``; the slowest listed rate when it has none."""
-        rate = self.dtype_flops.get(key)
-        return float(rate) if rate is not None else float(min(self.dtype_flops.values()))
+        return self.dtype_flops.get(key) or self._slowest()
 
     def _operand_rate(self, dtype: str, level: int) -> float:
         if dtype == "float32" and self.platform == "tpu":
@@ -131,7 +133,7 @@ class Cluster:
         if len(parts) == 4 and parts[3].startswith("X") and parts[3][1:].isdigit():
             passes = int(parts.pop()[1:])
         if len(parts) != 3 or any(p not in _ALGORITHM_TYPES for p in parts[:2]):
-            return self._listed("")  # a custom algorithm: never cheaper than known
+            return self._slowest()  # a custom algorithm: never cheaper than known
         rates = []
         for part, dtype in zip(parts[:2], list(dtypes) * 2):
             if part == "F8":
