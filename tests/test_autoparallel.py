@@ -33,6 +33,9 @@ def test_bare_decorator_matches_jit_and_caches_the_plan():
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_w, want_w)
     assert step.plan.mesh.size == len(jax.devices())
+    # No cluster= given: the preset of the devices it runs on, and the plan says so.
+    assert step.plan.cluster == autoplan.clusters["cpu"]
+    assert "cluster cpu (chosen automatically from device kind 'cpu')" in step.plan.summary()
     step(got_w, data)
     assert step.num_plans == 1  # same shapes: the plan is reused
     w2, data2 = make(batch=64)

@@ -151,6 +151,23 @@ def test_cluster_dict_round_trip_keeps_the_table_and_stays_hashable():
         autoplan.clusters["a100-8x"].dtype_flops["float32"] = 1.0  # frozen
 
 
+def test_plan_files_keep_the_table_and_files_without_it_still_load(tmp_path):
+    fn = lambda x, w: x @ w  # noqa: E731
+    x, w = jax.ShapeDtypeStruct((64, 32), jnp.float32), jax.ShapeDtypeStruct((32, 16), jnp.float32)
+    plan = autoplan.plan(fn, x, w, mesh=jax.sharding.AbstractMesh((2,), ("data",)), cluster="h100-8x")
+    plan.save(str(tmp_path / "plan.json"))
+    loaded = autoplan.load_plan(str(tmp_path / "plan.json"))
+    assert loaded == plan and loaded.cluster == autoplan.clusters["h100-8x"]
+    assert loaded.cluster.flops_for(("float32", "float32"), "highest") == 67 * TF
+    # A plan file written before clusters had per-dtype rates: every dtype at the headline rate.
+    data = json.loads((tmp_path / "plan.json").read_text())
+    del data["cluster"]["dtype_flops"], data["cluster"]["platform"]
+    old = autoplan.Plan.from_dict(data)
+    assert old.cluster.name == "h100-8x" and not old.cluster.dtype_flops
+    assert old.cluster.flops_for(("float32", "float32"), "highest") == 989 * TF
+    assert old.input_shardings == loaded.input_shardings
+
+
 M, N, K = 4096, 4096, 4096  # one dot, compute-bound on every preset below (the roofline takes the max)
 
 
