@@ -189,6 +189,19 @@ def test_a_planned_dot_costs_its_xla_flops_at_the_published_rate(dtype, precisio
     assert plan.cost.compute_seconds == pytest.approx(xla_flops / (8 * tflops * TF), rel=1e-9)
 
 
+@pytest.mark.parametrize("dtype,precision,tflops", [(jnp.bfloat16, None, 312), (jnp.float32, None, 156),
+                                                    (jnp.float32, "highest", 19.5)])
+def test_a_planned_convolution_costs_its_xla_flops_at_the_published_rate(dtype, precision, tflops):
+    fn = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", precision=precision)  # noqa: E731
+    shapes = ((64, 128, 34, 34), (128, 128, 3, 3))  # NCHW, OIHW: a 32x32 output
+    analysis = jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).compile().cost_analysis()
+    xla_flops = (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+    assert xla_flops == 2 * 64 * 32 * 32 * 128 * 128 * 9
+    plan = autoplan.plan(fn, *(jax.ShapeDtypeStruct(s, dtype) for s in shapes),
+                         mesh=jax.sharding.AbstractMesh((8,), ("data",)), cluster="a100-8x")
+    assert plan.cost.compute_seconds == pytest.approx(xla_flops / (8 * tflops * TF), rel=1e-9)
+
+
 def test_the_default_matmul_precision_config_is_priced_too():
     x, w = jax.ShapeDtypeStruct((M, K), jnp.float32), jax.ShapeDtypeStruct((K, N), jnp.float32)
     mesh = jax.sharding.AbstractMesh((8,), ("data",))
