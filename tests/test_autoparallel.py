@@ -33,6 +33,9 @@ def test_bare_decorator_matches_jit_and_caches_the_plan():
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_w, want_w)
     assert step.plan.mesh.size == len(jax.devices())
+    # No cluster= given: the preset of the devices it runs on, and the plan says so.
+    assert step.plan.cluster == autoplan.clusters["cpu"]
+    assert "cluster cpu (chosen automatically from device kind 'cpu')" in step.plan.summary()
     step(got_w, data)
     assert step.num_plans == 1  # same shapes: the plan is reused
     w2, data2 = make(batch=64)
@@ -142,3 +145,95 @@ def test_non_array_leaf_is_refused_with_the_path():
     w, data = make()
     with pytest.raises(autoplan.TraceError, match=r"input 'batch/lr' is a str"):
         step(w, {**data, "lr": "fast"})
+
+
+# ---------------------------------------------------------------------------
+# Flax NNX: graph objects are refused; the split/merge form trains (issue 9, item 6).
+
+
+def _nnx_mlp():
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(8, 16, rngs=rngs)
+            self.b = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    return MLP(nnx.Rngs(0))
+
+
+def _nnx_batch():
+    k = jax.random.split(jax.random.key(1))
+    return {"x": jax.random.normal(k[0], (32, 8)), "y": jax.random.normal(k[1], (32, 4))}
+
+
+def _nnx_jit_step(model, optimizer, batch):
+    """A step written the nnx.jit way: it updates model and optimizer in place."""
+    from flax import nnx
+
+    def loss_fn(model):
+        return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def test_nnx_graph_objects_are_refused_with_the_split_merge_form():
+    import optax
+    from flax import nnx
+
+    model = _nnx_mlp()
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    batch = _nnx_batch()
+    mesh = jax.sharding.AbstractMesh((8,), ("data",))
+    with pytest.raises(autoplan.TraceError, match=r"argument 'model' is a flax.nnx MLP") as err:
+        autoplan.autoparallel(_nnx_jit_step, mesh={"data": 8})(model, optimizer, batch)
+    for needle in ("train nothing", "nnx.split(model, nnx.Param)", "nnx.merge(graphdef, params)", "tx.init(params)"):
+        assert needle in str(err.value), needle
+    with pytest.raises(autoplan.TraceError, match=r"argument 'optimizer' is a flax.nnx Optimizer"):
+        autoplan.plan(lambda params, optimizer, batch: 0.0, nnx.state(model), optimizer, batch, mesh=mesh)
+    with pytest.raises(autoplan.TraceError, match=r"argument 'state/model' is a flax.nnx MLP"):
+        autoplan.baselines.data_parallel(lambda state, batch: state["model"](batch["x"]).sum(),
+                                         {"model": model}, batch, mesh=mesh)
+
+
+def test_nnx_split_merge_step_trains_like_jit_and_nnx_jit():
+    import optax
+    from flax import nnx
+
+    model = _nnx_mlp()
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.sgd(0.1)
+
+    def step(params, opt_state, batch):
+        def loss_fn(params):
+            return jnp.mean((nnx.merge(graphdef, params)(batch["x"]) - batch["y"]) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    batch = _nnx_batch()
+    planned = autoplan.autoparallel(step, mesh=jax.make_mesh((4, 2), ("data", "model"), axis_types=AUTO2),
+                                    donate=False)
+    got, want = (params, tx.init(params)), (params, tx.init(params))
+    reference_model = _nnx_mlp()
+    optimizer = nnx.Optimizer(reference_model, tx, wrt=nnx.Param)
+    nnx_jit_step = nnx.jit(_nnx_jit_step)
+    losses = []
+    for _ in range(3):
+        *got, loss = planned(*got, batch)
+        *want, want_loss = jax.jit(step)(*want, batch)
+        nnx_loss = nnx_jit_step(reference_model, optimizer, batch)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        np.testing.assert_allclose(loss, nnx_loss, rtol=1e-6)
+        losses.append(float(loss))
+    assert losses[0] > losses[1] > losses[2]  # it trains
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got[0], want[0])
+    nnx.update(model, got[0])  # written back, the module equals the one nnx.jit trained in place
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 nnx.state(model, nnx.Param), nnx.state(reference_model, nnx.Param))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
 from collections.abc import Mapping, Sequence
 
@@ -29,6 +31,49 @@ def resolve_mesh(mesh=None, num_devices: int | None = None) -> list[C.MeshShape]
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
     return [C.MeshShape(axis_names=("data", "model"), axis_sizes=(num_devices // m, m))
             for m in range(1, num_devices + 1) if num_devices % m == 0]
+
+
+def refuse_graph_objects(fn, args: Sequence, static_argnums: Sequence[int] = ()) -> None:
+    """Refuse Flax NNX graph objects (Modules, Optimizers, Rngs) among the step's arguments.
+
+    A step written the ``nnx.jit`` way mutates its module and optimizer in
+    place; traced as a pure function over their arrays, those updates are
+    lost and the step trains nothing.  The error names the argument and the
+    pytree path, and shows the split/merge form that works.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:  # no NNX object can exist before flax.nnx is imported
+        return
+    import jax
+
+    def is_graph_object(x) -> bool:
+        return nnx.graph.is_graph_node(x) and not isinstance(x, nnx.Variable)
+
+    names = T._argument_names(fn, len(args))
+    for i, arg in enumerate(args):
+        if i in static_argnums:
+            continue
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(arg, is_leaf=is_graph_object)[0]:
+            if not is_graph_object(leaf):
+                continue
+            path = T._path_string(names[i], keypath)
+            raise T.TraceError(
+                f"argument {path!r} is a flax.nnx {type(leaf).__name__}, a graph object the step would update "
+                "in place. autoplan runs the step as a pure function over arrays (like jax.jit, not nnx.jit), "
+                "so in-place updates would be lost and the step would train nothing. Pass the state and "
+                "return the new state instead:\n"
+                "    graphdef, params = nnx.split(model, nnx.Param)   # once, outside the step\n"
+                "    opt_state = tx.init(params)                       # an optax state, not nnx.Optimizer\n"
+                "    def step(params, opt_state, batch):\n"
+                "        def loss_fn(params):\n"
+                "            model = nnx.merge(graphdef, params)       # rebuild the module inside\n"
+                "            return loss(model(batch))\n"
+                "        loss, grads = jax.value_and_grad(loss_fn)(params)\n"
+                "        updates, opt_state = tx.update(grads, opt_state, params)\n"
+                "        return optax.apply_updates(params, updates), opt_state, loss\n"
+                "and after training write the result back with nnx.update(model, params). A model with other "
+                "state (e.g. BatchStat) splits as graphdef, params, rest = nnx.split(model, nnx.Param, ...): "
+                "pass rest too and nnx.merge(graphdef, params, rest).")
 
 
 def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float, *,
@@ -246,10 +291,12 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; ``mesh`` a
     `jax.sharding.Mesh` or `AbstractMesh` (or pass ``num_devices`` and
     autoplan picks the (data, model) shape).  ``memory_budget`` defaults to
-    the cluster's device memory; ``cluster`` to "cpu".  ``in_shardings``, a
-    pytree prefix of the non-static arguments like ``jax.jit``'s, fixes the
-    layout of the leaves it names (`PartitionSpec` or `NamedSharding`;
-    ``autoplan.AUTO`` or None leaves them to the planner).
+    the cluster's device memory; ``cluster`` to the preset of the devices
+    this process runs on (`cluster.default_cluster`; "cpu" on a CPU), which
+    the plan records in ``cluster_origin`` and its summary shows.
+    ``in_shardings``, a pytree prefix of the non-static arguments like
+    ``jax.jit``'s, fixes the layout of the leaves it names (`PartitionSpec`
+    or `NamedSharding`; ``autoplan.AUTO`` or None leaves them to the planner).
 
     >>> import jax, jax.numpy as jnp, autoplan
     >>> w = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
@@ -258,7 +305,8 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     >>> p.mesh.size
     8
     """
-    cluster = C.get_cluster(cluster)
+    refuse_graph_objects(fn, args, static_argnums)
+    cluster, cluster_origin = C.resolve_cluster(cluster)
     meshes = resolve_mesh(mesh, num_devices)
     budget = cluster.device_memory if memory_budget is None else float(memory_budget)
     if budget <= 0:
@@ -280,4 +328,4 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     if best is None:
         raise errors[0] if len(errors) == 1 else intra.PlanningError(
             "no mesh shape admits a plan: " + "; ".join(str(e) for e in errors))
-    return best
+    return dataclasses.replace(best, cluster_origin=cluster_origin)

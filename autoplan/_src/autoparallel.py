@@ -44,7 +44,9 @@ class AutoParallel:
         functools.update_wrapper(self, fun)
         self._fun = fun
         self._mesh = mesh
-        self._cluster = C.get_cluster(cluster)
+        # None: the local devices' preset, looked up at the first call (not here, so that decorating
+        # does not start a JAX backend before jax.distributed.initialize or device-count flags).
+        self._cluster = None if cluster is None else C.get_cluster(cluster)
         self._memory_budget = memory_budget
         self._static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
         self._donate = donate
@@ -114,19 +116,23 @@ class AutoParallel:
         return program, dynamic
 
     def _build(self, args) -> E.Program:
+        api.refuse_graph_objects(self._fun, args, self._static_argnums)
         graph = T.trace(self._fun, *args, static_argnums=self._static_argnums)
+        cluster, cluster_origin = C.resolve_cluster(self._cluster)
         if self._fixed_plan is not None:
             plan = self._fixed_plan
             mesh = E.device_mesh(plan.mesh) if self._mesh is None else self._device_mesh()
         elif self._planner is None:
             mesh = self._device_mesh()
-            budget = self._cluster.device_memory if self._memory_budget is None else float(self._memory_budget)
-            plan = api.plan_graph(graph, C.MeshShape.from_mesh(mesh), self._cluster, memory_budget=budget,
+            budget = cluster.device_memory if self._memory_budget is None else float(self._memory_budget)
+            plan = api.plan_graph(graph, C.MeshShape.from_mesh(mesh), cluster, memory_budget=budget,
                                   time_limit=self._time_limit)
         else:
             mesh = self._device_mesh()
-            plan = self._planner(self._fun, *args, mesh=mesh, cluster=self._cluster,
+            plan = self._planner(self._fun, *args, mesh=mesh, cluster=cluster,
                                  static_argnums=self._static_argnums)
+        if self._fixed_plan is None:
+            plan = dataclasses.replace(plan, cluster_origin=cluster_origin)
         self.num_plans += 1
         return E.emit(plan, graph, mesh, donate=self._donate)
 
@@ -148,13 +154,19 @@ def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster |
     Use it bare (``@autoparallel``: every local device on one "data" axis) or
     with arguments.  ``mesh`` is a `jax.sharding.Mesh` (any axis types), an
     `AbstractMesh` or a ``{name: size}`` mapping over all local devices;
-    ``cluster`` the hardware the cost model assumes (default "cpu");
+    ``cluster`` the hardware the cost model assumes (default: the preset of
+    the devices it runs on, from their device kind, e.g. "a100-8x" on A100s
+    and "cpu" on a CPU; the plan's summary says so);
     ``memory_budget`` bytes per device.  ``donate`` reuses the buffers of
     every argument the step returns updated (parameters, optimizer state),
     as ``jax.jit(donate_argnums=...)`` would: do not use those arrays after
     the call.  ``planner`` swaps the ILP for another planner, e.g.
     ``autoplan.baselines.fsdp``; ``plan`` runs a fixed Plan (e.g. one loaded
     from JSON), refused if it was made for another step.
+
+    Arguments are pytrees of arrays: a Flax NNX Module or Optimizer, which
+    an ``nnx.jit`` step mutates in place, is refused with the ``nnx.split``
+    / ``nnx.merge`` form to use instead.
 
     The decorated function has ``.plan`` (the last call's Plan), ``.lower``
     (``.lower(*args).compile()`` gives XLA's ``Compiled``), ``.trace`` and

@@ -14,6 +14,7 @@ the first argument are parameters, leaves of the second are optimizer state
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -27,22 +28,20 @@ from autoplan._src.strategies import base as S
 
 
 class _Setup:
-    def __init__(self, fn, args, mesh, cluster, static_argnums, data_axes, model_axis):
-        self.cluster = C.get_cluster(cluster)
+    def __init__(self, fn, args, mesh, cluster, static_argnums, data_axes, model_axis, baseline):
+        self.cluster, self.cluster_origin = C.resolve_cluster(cluster)
         meshes = api.resolve_mesh(mesh, None if mesh is not None else len(__import__("jax").devices()))
         self.mesh = meshes[0] if mesh is not None else C.MeshShape(axis_names=("data",),
                                                                    axis_sizes=(meshes[0].size,))
+        names = self.mesh.axis_names
+        self.model_axis = model_axis if model_axis is not None else (names[-1] if len(names) > 1 else names[0])
+        self.data_axes = tuple(names) if data_axes is None else _axes_tuple(data_axes)
+        _check_axes(baseline, "model_axis", model_axis, (self.model_axis,), self.mesh)
+        _check_axes(baseline, "data_axes", data_axes, self.data_axes, self.mesh)
+        api.refuse_graph_objects(fn, args, static_argnums)
         start = time.perf_counter()
         self.graph = T.trace(fn, *args, static_argnums=static_argnums)
         self.trace_seconds = time.perf_counter() - start
-        names = self.mesh.axis_names
-        self.model_axis = model_axis if model_axis is not None else (names[-1] if len(names) > 1 else names[0])
-        if data_axes is None:
-            data_axes = tuple(names)
-        self.data_axes = tuple(data_axes)
-        for axis in (*self.data_axes, self.model_axis):
-            if axis not in names:
-                raise ValueError(f"mesh axis {axis!r} is not in the mesh {names}")
         arg_names = [p.split("/")[0] for p in self.graph.input_paths]
         first = arg_names[0]
         second = next((a for a in arg_names if a != first), None)
@@ -85,8 +84,9 @@ class _Setup:
         pinned = {self.graph.input_ops[i]: [spec] for i, spec in input_specs.items()}
         if grad_specs is not None:
             pinned.update(grad_specs)
-        return api.plan_graph(self.graph, self.mesh, self.cluster, memory_budget=None, name=name,
+        plan = api.plan_graph(self.graph, self.mesh, self.cluster, memory_budget=None, name=name,
                               pinned=pinned, trace_seconds=self.trace_seconds)
+        return dataclasses.replace(plan, cluster_origin=self.cluster_origin)
 
     def gradient_ops(self) -> dict[int, int]:
         """Backward ops whose result feeds the optimizer, mapped to the parameter leaf of the same shape."""
@@ -105,8 +105,22 @@ class _Setup:
         return out
 
 
-def _setup(fn, args, mesh, cluster, static_argnums, data_axes=None, model_axis=None) -> _Setup:
-    return _Setup(fn, args, mesh, cluster, static_argnums, data_axes, model_axis)
+def _setup(fn, args, mesh, cluster, static_argnums, data_axes=None, model_axis=None, *, baseline: str) -> _Setup:
+    return _Setup(fn, args, mesh, cluster, static_argnums, data_axes, model_axis, baseline)
+
+
+def _axes_tuple(axes) -> tuple:
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _check_axes(baseline: str, option: str, value, axes: Sequence[str], mesh: C.MeshShape) -> None:
+    """Refuse mesh axes the mesh lacks, naming the axis, the option, the mesh's axes and the fix."""
+    for axis in axes:
+        if axis not in mesh.axis_names:
+            raise ValueError(
+                f"autoplan.baselines.{baseline}: mesh axis {axis!r} ({option}={value!r}) is not in the mesh, "
+                f"whose axes are {mesh.as_dict()}. Pass {option}= axes of this mesh, or plan on a mesh with a "
+                f"{axis!r} axis, e.g. mesh=jax.sharding.AbstractMesh((2, 4), ('data', {axis!r})).")
 
 
 def data_parallel(fn, *args, mesh=None, cluster=None, static_argnums=(), data_axes=None) -> P.Plan:
@@ -119,7 +133,7 @@ def data_parallel(fn, *args, mesh=None, cluster=None, static_argnums=(), data_ax
     >>> p.name
     'data_parallel'
     """
-    s = _setup(fn, args, mesh, cluster, static_argnums, data_axes)
+    s = _setup(fn, args, mesh, cluster, static_argnums, data_axes, baseline="data_parallel")
     specs = {i: S.replicated(len(s.shape(i))) for i in s.params + s.opt}
     specs |= {i: s.split_batch(s.shape(i), s.data_axes) for i in s.data}
     return s.solve("data_parallel", specs)
@@ -146,19 +160,19 @@ def _zero(s: _Setup, name: str, *, shard_grads: bool, shard_params: bool) -> P.P
 
 def zero1(fn, *args, mesh=None, cluster=None, static_argnums=(), data_axes=None) -> P.Plan:
     """ZeRO-1: optimizer state split over the data axes; gradients all-reduced; parameters replicated."""
-    return _zero(_setup(fn, args, mesh, cluster, static_argnums, data_axes), "zero1",
+    return _zero(_setup(fn, args, mesh, cluster, static_argnums, data_axes, baseline="zero1"), "zero1",
                  shard_grads=False, shard_params=False)
 
 
 def zero2(fn, *args, mesh=None, cluster=None, static_argnums=(), data_axes=None) -> P.Plan:
     """ZeRO-2: optimizer state and gradients split (reduce-scatter); parameters replicated."""
-    return _zero(_setup(fn, args, mesh, cluster, static_argnums, data_axes), "zero2",
+    return _zero(_setup(fn, args, mesh, cluster, static_argnums, data_axes, baseline="zero2"), "zero2",
                  shard_grads=True, shard_params=False)
 
 
 def fsdp(fn, *args, mesh=None, cluster=None, static_argnums=(), data_axes=None) -> P.Plan:
     """ZeRO-3 / FSDP: parameters, gradients and optimizer state all split over the data axes."""
-    return _zero(_setup(fn, args, mesh, cluster, static_argnums, data_axes), "fsdp",
+    return _zero(_setup(fn, args, mesh, cluster, static_argnums, data_axes, baseline="fsdp"), "fsdp",
                  shard_grads=True, shard_params=True)
 
 
@@ -209,7 +223,7 @@ def _megatron_specs(s: _Setup, axis: str) -> dict[int, S.Spec]:
 
 def megatron(fn, *args, mesh=None, cluster=None, static_argnums=(), model_axis=None) -> P.Plan:
     """Megatron-LM tensor parallelism over ``model_axis`` (the last mesh axis); batch replicated."""
-    s = _setup(fn, args, mesh, cluster, static_argnums, model_axis=model_axis)
+    s = _setup(fn, args, mesh, cluster, static_argnums, model_axis=model_axis, baseline="megatron")
     specs = _megatron_specs(s, s.model_axis)
     specs |= {i: S.replicated(len(s.shape(i))) for i in s.data}
     return s.solve("megatron", specs)
@@ -218,9 +232,8 @@ def megatron(fn, *args, mesh=None, cluster=None, static_argnums=(), model_axis=N
 def megatron_dp(fn, *args, mesh=None, cluster=None, static_argnums=(), model_axis=None,
                 data_axes=None) -> P.Plan:
     """Megatron tensor parallelism over ``model_axis`` and data parallelism over the other axes."""
-    s = _setup(fn, args, mesh, cluster, static_argnums, model_axis=model_axis)
-    data_axes = tuple(data_axes) if data_axes is not None else tuple(
-        a for a in s.mesh.axis_names if a != s.model_axis)
+    s = _setup(fn, args, mesh, cluster, static_argnums, data_axes, model_axis=model_axis, baseline="megatron_dp")
+    data_axes = s.data_axes if data_axes is not None else tuple(a for a in s.mesh.axis_names if a != s.model_axis)
     specs = _megatron_specs(s, s.model_axis)
     specs |= {i: s.split_batch(s.shape(i), data_axes) for i in s.data}
     return s.solve("megatron_dp", specs)

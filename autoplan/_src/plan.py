@@ -112,6 +112,7 @@ class Plan:
     solver: Mapping[str, Any]
     fingerprint: str
     stages: tuple = ()
+    cluster_origin: str = ""  # how the cluster was chosen when the caller did not name it
     input_tree: Any = dataclasses.field(default=None, compare=False)
     output_tree: Any = dataclasses.field(default=None, compare=False)
 
@@ -189,7 +190,8 @@ class Plan:
         c = self.cost
         budget = self.memory_budget if self.memory_budget is not None else self.cluster.device_memory
         lines = [
-            f"Plan {self.name!r}: mesh {mesh} ({self.num_devices} devices), cluster {self.cluster.name}",
+            f"Plan {self.name!r}: mesh {mesh} ({self.num_devices} devices), cluster {self.cluster.name}"
+            + (f" ({self.cluster_origin})" if self.cluster_origin else ""),
             f"  step {_ms(c.step_seconds)}  = compute {_ms(c.compute_seconds)} + communication "
             f"{_ms(c.communication_seconds)} ({_bytes(c.communication_bytes)} sent per device)",
             f"  peak memory {_bytes(c.memory_bytes)} per device (budget {_bytes(budget)}, "
@@ -255,7 +257,7 @@ class Plan:
             "solver": {k: v for k, v in self.solver.items() if k not in ("total_seconds", "solve_seconds",
                                                                          "build_seconds", "trace_seconds")},
             "fingerprint": self.fingerprint,
-        }
+        } | ({"cluster_origin": self.cluster_origin} if self.cluster_origin else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -291,7 +293,7 @@ class Plan:
                 op_strategies=tuple(data["op_strategies"]),
                 collectives=tuple(CollectiveUse(**(c | {"axes": tuple(c["axes"])})) for c in data["collectives"]),
                 cost=C.Cost(**data["cost"]), memory_budget=data["memory_budget"], solver=dict(data["solver"]),
-                fingerprint=data["fingerprint"])
+                fingerprint=data["fingerprint"], cluster_origin=data.get("cluster_origin", ""))
         except (KeyError, TypeError) as err:
             raise ValueError(f"malformed plan file: {type(err).__name__}: {err}") from err
 

@@ -91,8 +91,13 @@ class Context:
     def device_bytes(self, shape: Sequence[int], dtype: str, spec: Spec | None) -> float:
         return math.prod(shape) * G.itemsize(dtype) / self.shards(spec)
 
-    def compute(self, flops: float, shards: int) -> float:
-        return flops / max(shards, 1) / self.cluster.device_flops
+    def compute(self, flops: float, shards: int, rate: float | None = None) -> float:
+        """Seconds for ``flops`` split ``shards`` ways at ``rate`` FLOP/s (default: the headline peak)."""
+        return flops / max(shards, 1) / (rate or self.cluster.device_flops)
+
+    def dot_rate(self, op: G.Op) -> float:
+        """FLOP/s of a dot_general or convolution: its operand dtypes and precision (`Cluster.flops_for`)."""
+        return self.cluster.flops_for(op.input_dtypes[:2], op.params.get("precision"))
 
     def collective(self, kind: str, nbytes: float, axes: Sequence[str]) -> Collective | None:
         axes = tuple(axes)

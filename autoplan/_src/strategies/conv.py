@@ -71,6 +71,7 @@ def conv_general_dilated(op: G.Op, ctx: Context) -> list[Strategy]:
     else:
         slots = []
     flops = conv_flops(op)
+    rate = ctx.dot_rate(op)
     ranks = (len(lhs_shape), len(rhs_shape))
     out = []
     for assignment in assign_axes([s[-1] for s in slots], ctx):
@@ -92,7 +93,7 @@ def conv_general_dilated(op: G.Op, ctx: Context) -> list[Strategy]:
                for a, n in zip(spec, shape)):
             continue
         used = math.prod(ctx.axis_size(a) for a in assignment)
-        compute = ctx.compute(flops, used)
+        compute = ctx.compute(flops, used, rate)
         label = "·".join(f"{s[0]}={'+'.join(a)}" for s, a in zip(slots, assignment) if a) or "R"
         if not partial:
             out.append(Strategy(name=label, output_specs=(base,), input_specs=ins, compute_seconds=compute))

@@ -217,6 +217,7 @@ def dot_general(op: G.Op, ctx: Context) -> list[Strategy]:
     sizes = ([lhs_shape[d] for d in lb] + [lhs_shape[d] for d in lf] + [rhs_shape[d] for d in rf]
              + [lhs_shape[d] for d in lc])
     flops = 2.0 * math.prod(lhs_shape) * math.prod(rhs_shape[d] for d in rf)
+    rate = ctx.dot_rate(op)
     out = []
     for assignment in assign_axes(sizes, ctx):
         lhs_spec: list[tuple[str, ...]] = [()] * len(lhs_shape)
@@ -238,7 +239,7 @@ def dot_general(op: G.Op, ctx: Context) -> list[Strategy]:
                 contracted.extend(axes)
                 contracted_groups.append(axes)
         used = math.prod(ctx.axis_size(a) for a in assignment)
-        compute = ctx.compute(flops, used)
+        compute = ctx.compute(flops, used, rate)
         ins = (tuple(lhs_spec), tuple(rhs_spec))
         base = tuple(out_spec)
         label = "·".join(f"{kind}{i}={'+'.join(a)}" for (kind, i), a in zip(slots, assignment) if a) or "R"
