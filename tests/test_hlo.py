@@ -369,3 +369,16 @@ def test_a_peak_below_the_temporaries_is_not_taken_as_the_peak():
     text = _module("%ar = f32[1024]{0} all-reduce(%p), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%add")
     report = hlo.compiled_report(_PeakBelowTemps(text), {"data": 2, "model": 4}, CLUSTER)
     assert report.memory_bytes == 100 + 50 + 900 - 20
+
+
+def test_compute_is_priced_at_the_rate_of_the_programs_matmuls():
+    """An fp32 matmul on an A100 preset runs at TF32 (156 TF/s), HIGHEST at fp32 (19.5), as the planner prices it."""
+    a100 = autoplan.clusters["a100-8x"]
+    x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+    default = jax.jit(lambda a, b: a @ b).lower(x, x).compile()
+    highest = jax.jit(lambda a, b: jnp.dot(a, b, precision="highest")).lower(x, x).compile()
+    for compiled, rate in ((default, 156e12), (highest, 19.5e12)):
+        report = hlo.compiled_report(compiled, {"data": 8}, a100)
+        assert report.compute_seconds == pytest.approx(report.flops / rate + report.bytes_accessed / a100.memory_bandwidth)
+    bf16 = hlo.compiled_report(default, {"data": 8}, a100, matmul_dtypes=("bfloat16", "bfloat16"))
+    assert bf16.compute_seconds == pytest.approx(bf16.flops / 312e12 + bf16.bytes_accessed / a100.memory_bandwidth)

@@ -522,13 +522,46 @@ def _memory_analysis(compiled) -> dict[str, float]:
     return {f: float(getattr(stats, f, 0) or 0) for f in fields}
 
 
+_HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64", "s8": "int8",
+               "u8": "uint8", "f8e4m3fn": "float8_e4m3fn", "f8e5m2": "float8_e5m2"}
+_MATMUL = re.compile(r"=\s*[a-z0-9]+\[[^\]]*\][^=]*?\s(?:dot|convolution)\((?P<operands>[^)]*)\)(?P<attrs>[^\n]*)")
+
+
+def matmul_rate(text: str, cluster: C.Cluster) -> float:
+    """FLOP/s at which ``cluster`` runs the program's matrix products (the slowest of its dots and convolutions).
+
+    Reads each ``dot``/``convolution`` instruction's operand types and
+    ``operand_precision``, priced by `Cluster.flops_for` as the planner prices
+    the same ops, so an fp32 program on an A100 preset is charged TF32, not bf16.
+    A program with no matrix product runs at ``device_flops``.  Operand types
+    come from the instruction where printed, else from its result (XLA:CPU
+    computes bf16 dots in f32 and prints neither; `compiled_report` takes
+    ``matmul_dtypes`` for such programs).
+
+    >>> import autoplan
+    >>> text = "%d = f32[8,8]{1,0} dot(f32[8,4]{1,0} %a, f32[4,8]{1,0} %b), lhs_contracting_dims={1}"
+    >>> matmul_rate(text, autoplan.clusters["a100-8x"]) / 1e12
+    156.0
+    """
+    rates = []
+    for match in _MATMUL.finditer(text):
+        dtypes = [_HLO_DTYPES.get(d, d) for d in re.findall(r"([a-z0-9]+)\[", match.group("operands"))] \
+            or [_HLO_DTYPES.get(d, d) for d in re.findall(r"=\s*([a-z0-9]+)\[", match.group(0))[:1]]
+        precision = "highest" if "operand_precision={highest" in match.group("attrs") else None
+        rates.append(cluster.flops_for(dtypes, precision))
+    return min(rates) if rates else float(cluster.device_flops)
+
+
 def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
-                    device_positions: Mapping[int, int] | Sequence[int] | None = None) -> CompiledReport:
+                    device_positions: Mapping[int, int] | Sequence[int] | None = None,
+                    matmul_dtypes: Sequence[str] | None = None) -> CompiledReport:
     """Price a compiled program: XLA's flops and memory, its collectives under ``cluster``.
 
     ``compiled`` is a ``jax.stages.Compiled`` (``jax.jit(f).lower(*args).compile()``);
     ``mesh`` the mesh it was compiled for; ``cluster`` a `Cluster` or preset
-    name (default "cpu").  All numbers are per device.
+    name (default "cpu").  All numbers are per device.  FLOPs run at the
+    rate of the program's matrix products (`matmul_rate`), or of
+    ``matmul_dtypes`` where given.
     """
     mesh = C.MeshShape.from_mesh(mesh)
     cluster = C.get_cluster(cluster)
@@ -542,7 +575,8 @@ def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
     if peak < memory["temp_size_in_bytes"]:  # XLA:CPU reports arguments + outputs alone: not a peak
         peak = 0.0
     bytes_accessed = float(costs.get("bytes accessed", 0.0))
-    compute = flops / cluster.device_flops + bytes_accessed / cluster.memory_bandwidth
+    rate = cluster.flops_for(matmul_dtypes) if matmul_dtypes else matmul_rate(_hlo_text(compiled), cluster)
+    compute = flops / rate + bytes_accessed / cluster.memory_bandwidth
     comm = communication_seconds(colls, mesh, cluster)
     return CompiledReport(
         cluster=cluster.name, flops=flops, bytes_accessed=bytes_accessed,
