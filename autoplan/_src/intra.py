@@ -36,6 +36,7 @@ from ortools.sat.python import cp_model
 
 from autoplan._src import graph as G
 from autoplan._src.strategies import base as S
+from autoplan._src.strategies import control
 from autoplan._src.strategies.base import ELEMENTWISE
 
 # Operators that follow an operand's layout rather than getting their own choice.
@@ -95,16 +96,30 @@ class Problem:
 
 
 def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
+    """Strategies per operator; an operator inside loops pays its compute and collectives per trip."""
     cache: dict[tuple, list[S.Strategy]] = {}
     warned: set[str] = set()
     out = []
     for op, traffic in zip(graph.ops, S.fused_traffic(graph)):
-        key = (op.signature, traffic)
+        key = (op.signature, traffic, op.repeat)
         found = cache.get(key)
         if found is None:
-            found = cache[key] = S.strategies_for(op, ctx, warned, traffic)
+            if op.primitive in control.BOUNDARY_PRIMITIVES:  # free: what crosses is priced on the edges
+                found = control.boundary(op, ctx)
+            else:
+                found = S.strategies_for(op, ctx, warned, traffic)
+            if op.repeat != 1:
+                found = [_repeated(s, op.repeat) for s in found]
+            cache[key] = found
         out.append(found)
     return out
+
+
+def _repeated(strategy: S.Strategy, times: int) -> S.Strategy:
+    """``strategy`` run ``times`` times (an operator in a loop body): compute and collectives scale."""
+    collectives = tuple(dataclasses.replace(c, seconds=c.seconds * times, wire_bytes=c.wire_bytes * times)
+                        for c in strategy.collectives)
+    return dataclasses.replace(strategy, compute_seconds=strategy.compute_seconds * times, collectives=collectives)
 
 
 def _follow_map(op: G.Op, k: int, prod_strats: list[S.Strategy], out_index: int,
@@ -215,11 +230,12 @@ def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveO
                 maps[op.id] = fmap[base]
                 break
 
-    # 2. Updated outputs share the variable of the input they update (same spec list, same order).
-    for out_leaf, in_leaf in graph.aliases.items():
-        out_op, in_op = graph.output_ops[out_leaf], graph.input_ops[in_leaf]
-        root[out_op] = root[in_op]
-        maps[out_op] = maps[in_op]
+    # 2. Updated outputs share the variable of the input they update (same spec list, same order),
+    #    and a loop carry leaves its body in the layout it entered with (`G.Graph.ties`).
+    equal = [(graph.input_ops[i], graph.output_ops[o]) for o, i in graph.aliases.items()] + list(graph.ties)
+    for first, second in equal:
+        root[second] = root[first]
+        maps[second] = maps[first]
 
     # 3. Structurally identical layers share variables position by position.
     if options.tie_layers:
@@ -308,6 +324,8 @@ def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveO
                 continue
             va = op_var[a]
             sub = mat[np.ix_(op_map[a], op_map[op.id])]
+            if op.repeat != 1:  # resharded where it is read: inside the consumer's loops
+                sub = sub * op.repeat
             if va == vb:
                 node_cost[va] += np.diagonal(sub)
             elif (va, vb) in edge_cost:

@@ -24,7 +24,9 @@ from autoplan._src import cluster as C
 from autoplan._src import graph as G
 from autoplan._src.strategies import base as S
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2
+# Older formats this version still reads (format 1: anchors without keys).
+READABLE_VERSIONS = (1, 2)
 ANCHOR_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated", "gather"})
 
 
@@ -51,7 +53,7 @@ class LeafSharding:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Anchor:
-    """An intermediate tensor whose layout the plan fixes (op index in the inlined jaxpr order).
+    """An intermediate tensor whose layout the plan fixes: result or operand of the operator ``key``.
 
     With ``operand`` None it is result ``output`` of the op; otherwise it is
     the op's ``operand``-th operand as the op reads it, which is where the
@@ -67,6 +69,9 @@ class Anchor:
     shape: tuple[int, ...]
     spec: S.Spec
     operand: int | None = None
+    # The operator's stable identity (`autoplan._src.walk`), what the emitter looks up;
+    # empty in plans saved in format 1, which name the operator by graph position only.
+    key: str = ""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -246,7 +251,7 @@ class Plan:
             "cluster": self.cluster.to_dict(),
             "inputs": [leaf(x) for x in self.inputs], "outputs": [leaf(x) for x in self.outputs],
             "aliases": {str(k): v for k, v in sorted(self.aliases.items())},
-            "anchors": [{"op": a.op, "output": a.output, "label": a.label, "shape": list(a.shape),
+            "anchors": [{"op": a.op, "key": a.key, "output": a.output, "label": a.label, "shape": list(a.shape),
                          "spec": [list(s) for s in a.spec]} | ({} if a.operand is None else {"operand": a.operand})
                         for a in self.anchors],
             "op_strategies": list(self.op_strategies),
@@ -268,9 +273,9 @@ class Plan:
     def from_dict(cls, data: Mapping) -> Plan:
         if data.get("format") != "autoplan.plan":
             raise ValueError("not an autoplan plan file (missing format: autoplan.plan)")
-        if data.get("version") != PLAN_FORMAT_VERSION:
-            raise ValueError(f"plan file version {data.get('version')} is not supported (expected "
-                             f"{PLAN_FORMAT_VERSION}); re-plan with this autoplan")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"plan file version {data.get('version')} is not supported (this autoplan reads "
+                             f"versions {READABLE_VERSIONS}); re-plan with this autoplan")
         try:
             mesh = C.MeshShape(axis_names=tuple(data["mesh"]["axis_names"]),
                                axis_sizes=tuple(data["mesh"]["axis_sizes"]))
@@ -285,8 +290,9 @@ class Plan:
                 name=data["name"], mesh=mesh, cluster=C.Cluster.from_dict(data["cluster"]),
                 inputs=tuple(leaf(x) for x in data["inputs"]), outputs=tuple(leaf(x) for x in data["outputs"]),
                 aliases={int(k): int(v) for k, v in data["aliases"].items()},
-                anchors=tuple(Anchor(op=a["op"], output=a["output"], label=a["label"], shape=tuple(a["shape"]),
-                                     spec=tuple(tuple(s) for s in a["spec"]), operand=a.get("operand"))
+                anchors=tuple(Anchor(op=a["op"], key=a.get("key", ""), output=a["output"], label=a["label"],
+                                     shape=tuple(a["shape"]), spec=tuple(tuple(s) for s in a["spec"]),
+                                     operand=a.get("operand"))
                               for a in data["anchors"]),
                 op_strategies=tuple(data["op_strategies"]),
                 collectives=tuple(CollectiveUse(**(c | {"axes": tuple(c["axes"])})) for c in data["collectives"]),
