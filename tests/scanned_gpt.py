@@ -12,7 +12,7 @@ import optax
 
 from autoplan.models import gpt
 
-CONFIG = gpt.GPTConfig(vocab_size=64, seq_len=16, hidden=32, heads=2, layers=4, batch=8)
+CONFIG = gpt.GPTConfig(vocab_size=256, seq_len=64, hidden=256, heads=4, layers=4, batch=16)
 OPTIMIZER = optax.adam(1e-2, eps=1e-3)
 
 

@@ -99,9 +99,10 @@ def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
     """Strategies per operator; an operator inside loops pays its compute and collectives per trip."""
     cache: dict[tuple, list[S.Strategy]] = {}
     warned: set[str] = set()
+    combined = combined_ops(graph) if any(op.repeat != 1 for op in graph.ops) else frozenset()
     out = []
     for op, traffic in zip(graph.ops, S.fused_traffic(graph)):
-        key = (op.signature, traffic, op.repeat)
+        key = (op.signature, traffic, op.repeat, op.id in combined)
         found = cache.get(key)
         if found is None:
             if op.primitive in control.BOUNDARY_PRIMITIVES:  # free: what crosses is priced on the edges
@@ -109,17 +110,26 @@ def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
             else:
                 found = S.strategies_for(op, ctx, warned, traffic)
             if op.repeat != 1:
-                found = [_repeated(s, op.repeat) for s in found]
+                found = [_repeated(s, op.repeat, ctx, latency_once=op.id in combined) for s in found]
             cache[key] = found
         out.append(found)
     return out
 
 
-def _repeated(strategy: S.Strategy, times: int) -> S.Strategy:
-    """``strategy`` run ``times`` times (an operator in a loop body): compute and collectives scale."""
-    collectives = tuple(dataclasses.replace(c, seconds=c.seconds * times, wire_bytes=c.wire_bytes * times)
-                        for c in strategy.collectives)
-    return dataclasses.replace(strategy, compute_seconds=strategy.compute_seconds * times, collectives=collectives)
+def _repeated(strategy: S.Strategy, times: int, ctx: S.Context, *, latency_once: bool) -> S.Strategy:
+    """``strategy`` run ``times`` times (an operator in a loop body): compute and collectives scale.
+
+    With ``latency_once`` (weight-gradient reductions, `combined_ops`) the
+    combinable collectives pay their latency once: they are independent across
+    iterations, and XLA's while-loop all-reduce code motion moves them out of
+    the loop into the one combined collective an unrolled model gets.
+    """
+    def scaled(c: S.Collective) -> S.Collective:
+        fixed = min(ctx.cluster.latency, c.seconds) if latency_once and c.kind in COMBINED_KINDS else 0.0
+        return dataclasses.replace(c, seconds=(c.seconds - fixed) * times + fixed, wire_bytes=c.wire_bytes * times)
+
+    return dataclasses.replace(strategy, compute_seconds=strategy.compute_seconds * times,
+                               collectives=tuple(scaled(c) for c in strategy.collectives))
 
 
 def _follow_map(op: G.Op, k: int, prod_strats: list[S.Strategy], out_index: int,
