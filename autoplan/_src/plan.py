@@ -24,6 +24,8 @@ from autoplan._src import cluster as C
 from autoplan._src import graph as G
 from autoplan._src.strategies import base as S
 
+# Strategy names of layouts the user fixed (`autoplan._src.strategies.control`).
+USER_PINNED = "user-pinned"
 PLAN_FORMAT_VERSION = 2
 # Older formats this version still reads (format 1: anchors without keys).
 READABLE_VERSIONS = (1, 2)
@@ -145,6 +147,12 @@ class Plan:
         return jax.tree_util.tree_unflatten(self.output_tree, specs)
 
     @property
+    def user_pinned(self) -> tuple[tuple[int, str], ...]:
+        """(operator index, strategy) of every layout the user fixed in the step (``with_sharding_constraint``,
+        ``reshard``): hard constraints the plan kept."""
+        return tuple((i, name) for i, name in enumerate(self.op_strategies) if name.startswith(USER_PINNED))
+
+    @property
     def num_devices(self) -> int:
         return self.mesh.size
 
@@ -205,6 +213,9 @@ class Plan:
             lines.append(f"  solver: {s.get('status', '?')} in {s.get('solve_seconds', 0):.2f} s, "
                          f"{s.get('num_vars', 0)} variables, {s.get('num_edges', 0)} edges "
                          f"(planned in {s.get('total_seconds', 0):.2f} s)")
+        if self.user_pinned:
+            lines.append(f"  user-pinned layouts (kept as written in the step): "
+                         f"{', '.join(name.split(' ', 1)[1] for _, name in self.user_pinned)}")
         lines.append("")
         lines.append("Inputs (rows that differ only in the layer number are merged):")
         lines += _leaf_table(self.inputs, self.mesh, max_rows)
