@@ -420,12 +420,59 @@ def trace(fn, *args, static_argnums: Sequence[int] = ()) -> G.Graph:
                 layer = ops[builder.tensors[op.inputs[0]].producer].layer
             ops[i] = _replace_layer(op, layer)
 
+    if not layers:  # no module names (plain JAX, NNX): layers from parameter paths and data flow
+        layers = _layers_by_structure(ops, builder.tensors)
     _propagate_layers(ops, builder.tensors)
     aliases = _find_aliases(out_leaves_with_paths, input_paths, structs, names, dynamic)
     return G.Graph(ops=ops, tensors=builder.tensors, input_ops=input_ops, output_ops=output_ops,
                    input_tree=input_tree, output_tree=output_tree, input_paths=input_paths,
                    output_paths=output_paths, aliases=aliases, layers=layers, closed_jaxpr=closed,
                    ties=builder.ties)
+
+
+def path_layer(path: str) -> tuple[str, int] | None:
+    """The layer a leaf belongs to by its pytree path: the last list index and the name before it.
+
+    >>> path_layer("opt_state/0/mu/layers/3/mlp/kernel")
+    ('layers/3', 3)
+    >>> path_layer("params/embed") is None
+    True
+    """
+    matches = list(re.finditer(r"([^/]+)/(\d+)(?=/|$)", path))
+    if not matches or matches[-1].start() == 0:
+        return None
+    name, index = matches[-1].group(1), matches[-1].group(2)
+    return f"{name}/{index}", int(index)
+
+
+def _layers_by_structure(ops: list[G.Op], tensors: list[G.Tensor]) -> list[str]:
+    """Layers of a step without module names, from the list indices of its parameter paths.
+
+    Each input leaf under ``.../layers/3/...`` seeds layer ``layers/3``; an
+    operator joins the newest layer among its operands: the highest index in
+    the forward pass and the optimizer update, the lowest in the backward pass
+    (which runs the layers in reverse).  Layers of equal structure then tie in
+    the intra-op pass as named ones do.
+    """
+    rank: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        found = path_layer(op.path) if op.role == G.INPUT and op.path else None
+        if found is not None:
+            rank[found[0]] = found[1]
+            ops[i] = _replace_layer(op, found[0])
+    if len(rank) < 2:
+        return []
+    for i, op in enumerate(ops):
+        if op.role in (G.INPUT, G.OUTPUT, G.CONSTANT) or op.layer:
+            continue
+        candidates = {ops[tensors[t].producer].layer for t in op.inputs if t != G.LITERAL} - {""}
+        if candidates:
+            pick = min if op.role == G.BACKWARD else max
+            ops[i] = _replace_layer(op, pick(candidates, key=lambda name: (rank[name], name)))
+    for i, op in enumerate(ops):
+        if op.role == G.OUTPUT and not op.layer:
+            ops[i] = _replace_layer(op, ops[tensors[op.inputs[0]].producer].layer)
+    return sorted(rank, key=lambda name: (rank[name], name))
 
 
 def _propagate_layers(ops: list[G.Op], tensors: list[G.Tensor]) -> None:
