@@ -109,8 +109,9 @@ def test_three_ways_same_layer_specs_and_step_time():
                 assert leaf.spec[0] == (), leaf  # the stacked axis stays whole
     t = {style: p.cost.step_seconds for style, p in plans.items()}
     assert t["scan"] == pytest.approx(t["loop"], rel=0.02)
-    assert t["remat_scan"] >= t["scan"] * 0.999
-    assert t["remat_scan"] == pytest.approx(t["loop"], rel=0.02 + 0.35)  # + the recomputed forward
+    # Remat adds the recomputed forward pass (and its collectives): more, but less than a second forward
+    # and backward (the forward is about a third of a step).
+    assert t["scan"] < t["remat_scan"] < 1.5 * t["scan"]
 
 
 @pytest.mark.parametrize("style", ["loop", "scan", "remat_scan"])

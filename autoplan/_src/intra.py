@@ -101,7 +101,7 @@ def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
     warned: set[str] = set()
     combined = combined_ops(graph) if any(op.repeat != 1 for op in graph.ops) else frozenset()
     out = []
-    for op, traffic in zip(graph.ops, S.fused_traffic(graph)):
+    for op, traffic in zip(graph.ops, _boundary_traffic(graph)):
         key = (op.signature, traffic, op.repeat, op.id in combined)
         found = cache.get(key)
         if found is None:
@@ -114,6 +114,47 @@ def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
             cache[key] = found
         out.append(found)
     return out
+
+
+def _through(graph: G.Graph, t: int) -> int:
+    """The tensor ``t`` stands for once loop boundaries are looked through (a carry or slice is its source)."""
+    producer = graph.ops[graph.tensors[t].producer]
+    while producer.primitive in control.BOUNDARY_PRIMITIVES and producer.inputs[0] != G.LITERAL:
+        t = producer.inputs[0]
+        producer = graph.ops[graph.tensors[t].producer]
+    return t
+
+
+def _boundary_traffic(graph: G.Graph) -> tuple[S.OpTraffic, ...]:
+    """`S.fused_traffic` with loop boundaries transparent: a value crossing a body boundary is read
+    and written as it would be between the same operators of an unrolled loop."""
+    traffic = S.fused_traffic(graph)
+    if not any(op.primitive in control.BOUNDARY_PRIMITIVES for op in graph.ops):
+        return traffic
+    ops, out = graph.ops, list(traffic)
+    fusible = lambda op: op.primitive in S.FUSIBLE_PRODUCERS and op.role not in (G.INPUT, G.CONSTANT)  # noqa: E731
+
+    def consumers(t):  # consumers of t, looking through the boundaries it enters
+        for c, _ in graph.consumers[t]:
+            if ops[c].primitive in control.BOUNDARY_PRIMITIVES:
+                yield from consumers(ops[c].outputs[0])
+            else:
+                yield ops[c]
+
+    for op in ops:
+        if op.primitive in control.BOUNDARY_PRIMITIVES:
+            continue
+        reads = tuple(read if t == G.LITERAL or _through(graph, t) == t else not (
+            op.primitive in S.FUSIBLE_CONSUMERS and fusible(ops[graph.tensors[_through(graph, t)].producer]))
+                      for t, read in zip(op.inputs, traffic[op.id].inputs))
+        writes = tuple(write if not any(ops[c].primitive in control.BOUNDARY_PRIMITIVES
+                                        for c, _ in graph.consumers[t]) else
+                       op.primitive not in S.FUSIBLE_PRODUCERS or any(
+                           c.primitive not in S.FUSIBLE_CONSUMERS or c.role != op.role or c.primitive == "output"
+                           for c in consumers(t))
+                       for t, write in zip(op.outputs, traffic[op.id].outputs))
+        out[op.id] = S.OpTraffic(inputs=reads, outputs=writes)
+    return tuple(out)
 
 
 def _repeated(strategy: S.Strategy, times: int, ctx: S.Context, *, latency_once: bool) -> S.Strategy:
