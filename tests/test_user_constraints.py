@@ -100,3 +100,25 @@ def test_user_checkpoint_keeps_its_policy_and_barrier():
     barriers = program.lower(w, x).as_text().count("optimization_barrier")
     assert barriers == jax.jit(step).lower(w, x).as_text().count("optimization_barrier") > 0
     np.testing.assert_allclose(np.asarray(program(w, x)), np.asarray(jax.jit(step)(w, x)), rtol=1e-5)
+
+
+def test_shard_map_region_takes_its_specs_and_pays_its_collectives():
+    mesh = _user_mesh()
+
+    def step(w, x):
+        h = x @ w
+        y = jax.shard_map(lambda a: jax.lax.psum(a, "model"), mesh=mesh, in_specs=P("data", "model"),
+                          out_specs=P("data"))(h)
+        return jnp.tanh(y).sum()
+
+    w, x = jnp.ones((32, 64)) * 0.01, jnp.ones((16, 32))
+    plan = autoplan.plan(step, w, x, mesh=MESH, cluster="a100-8x")
+    graph = T.trace(step, w, x)
+    (region,) = [op for op in graph.ops if op.primitive == "shard_map"]
+    dot = graph.ops[graph.tensors[region.inputs[0]].producer]
+    assert plan.op_strategies[dot.id] == "l0=data·r0=model"  # produced as the region reads it: no reshard
+    (psum,) = [c for c in plan.collectives if c.op == "shard_map"]
+    # The body's psum all-reduces one (16/2, 64/4) float32 block over "model".
+    assert (psum.kind, psum.axes, psum.nbytes) == ("all-reduce", ("model",), 8 * 16 * 4)
+    program = E.emit(plan, graph)
+    np.testing.assert_allclose(float(program(w, x)), float(jax.jit(step)(w, x)), rtol=1e-6)

@@ -111,8 +111,6 @@ class Graph:
     # Pairs of operators whose first result / operand must share one layout: a loop carry
     # as it enters the body and as the body hands it back.
     ties: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    # Operators whose layout the user fixed (with_sharding_constraint): op id -> spec.
-    user_pins: dict[int, tuple] = dataclasses.field(default_factory=dict)
     consumers: list[list[tuple[int, int]]] = dataclasses.field(default_factory=list)
     last_use: list[int] = dataclasses.field(default_factory=list)
 

@@ -1,11 +1,23 @@
 """Trace a step function into a `Graph`.
 
-``jax.make_jaxpr`` over arrays or ``jax.ShapeDtypeStruct``s gives a jaxpr;
-nested ``jit``, custom derivative calls and remat are inlined so every
-operator is visible to the planner.  Each operator is attributed to a layer
-from the Flax name stack (``jvp(GPT)/block3/mlp_in`` and
-``transpose(jvp(GPT))/block3/mlp_in`` are both layer ``block3``, forward and
-backward), and graph inputs/outputs keep their pytree paths.
+``jax.make_jaxpr`` over arrays or ``jax.ShapeDtypeStruct``s gives a jaxpr,
+visited with the walker the emitter shares (`autoplan._src.walk`): nested
+``jit`` and custom derivative calls are inlined so every operator is visible
+to the planner, and every operator keeps the walker's key.  Remat regions are
+walked like inlined ones (the emitter re-emits them as checkpoints).  Loops
+are structure: a ``scan`` or ``while`` body is walked once, its operators
+carrying the trip count as ``repeat`` (a ``while`` whose count is not visible
+gets `DEFAULT_WHILE_TRIP_COUNT` and one warning), with ``loop_in`` /
+``loop_out`` pseudo-operators at the body boundary and a tie between each
+carry's entering and leaving layout; a ``cond`` contributes its dearest
+branch (by FLOPs and bytes written), which prices the step as if that branch
+always ran.
+
+Each operator is attributed to a layer from the Flax name stack
+(``jvp(GPT)/block3/mlp_in`` and ``transpose(jvp(GPT))/block3/mlp_in`` are both
+layer ``block3``, forward and backward); a loop body is one layer; a step
+without module names gets layers from the list indices in its parameter paths
+(`path_layer`).  Graph inputs/outputs keep their pytree paths.
 """
 
 from __future__ import annotations
