@@ -139,7 +139,6 @@ def test_scanned_program_keeps_its_loop_and_remat_saves_memory():
         assert barriers[style] == ref_lowered.as_text().count("optimization_barrier")
         temp[style] = compiled.memory_analysis().temp_size_in_bytes
         reference[style] = ref_lowered.compile().memory_analysis().temp_size_in_bytes
-    assert barriers["remat_scan"] > 0
     assert (temp["remat_scan"] < temp["scan"]) == (reference["remat_scan"] < reference["scan"]), (temp, reference)
     assert temp["remat_scan"] < temp["scan"], (temp, reference)
 
@@ -154,8 +153,10 @@ def _mlp_loss(w, batch):
 
 
 def test_scan_gradient_accumulation_splits_the_batch_inside_the_loop():
-    w = {"w1": jnp.ones((64, 256)) * 0.01, "w2": jnp.ones((256, 8)) * 0.01}
-    micro = {"x": jnp.ones((4, 512, 64)), "y": jnp.ones((4, 512, 8))}
+    # Planned at a size where compute dominates (abstract arrays); run at a small one.
+    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    w = {"w1": f32((512, 1024)), "w2": f32((1024, 8))}
+    micro = {"x": f32((4, 16384, 512)), "y": f32((4, 16384, 8))}
 
     def accumulate(w, micro):
         def body(acc, mb):
@@ -169,15 +170,17 @@ def test_scan_gradient_accumulation_splits_the_batch_inside_the_loop():
 
     mesh = jax.sharding.AbstractMesh((8,), ("data",))
     plan = _plan(accumulate, w, micro, mesh=mesh)
-    single = _plan(one, w, jax.tree.map(lambda x: x[0], micro), mesh=mesh)
+    single = _plan(one, w, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro), mesh=mesh)
     graph = T.trace(accumulate, w, micro)
-    specs = {op.key: plan.op_strategies[op.id] for op in graph.ops if op.primitive == "dot_general"}
-    assert all("/body/" in key for key in specs)
-    forward = [op for op in graph.ops if op.primitive == "dot_general" and op.output_shapes[0][0] == 512]
-    assert forward and all(plan.op_strategies[op.id].startswith("S(data)") for op in forward), specs
-    assert {leaf.spec[1] for leaf in plan.inputs if leaf.path.startswith("micro")} == {("data",)}
-    assert plan.cost.compute_seconds == pytest.approx(4 * single.cost.compute_seconds, rel=0.05)
-    program = _emit(plan, accumulate, w, micro)
+    dots = [op for op in graph.ops if op.primitive == "dot_general"]
+    assert dots and all("/body/" in op.key and op.repeat == 4 for op in dots)
+    results = {a.key: a.spec for a in plan.anchors if a.operand is None}
+    forward = [op.key for op in dots if op.output_shapes[0][0] == 16384]
+    assert forward and all(results[key][0] == ("data",) for key in forward), results
+    assert plan.cost.compute_seconds == pytest.approx(4 * single.cost.compute_seconds, rel=0.02)
+    w = {"w1": jnp.ones((64, 128)) * 0.01, "w2": jnp.ones((128, 8)) * 0.01}
+    micro = {"x": jnp.ones((4, 256, 64)), "y": jnp.ones((4, 256, 8))}
+    program = _emit(_plan(accumulate, w, micro, mesh=mesh), accumulate, w, micro)
     want = jax.jit(accumulate)(w, micro)
     for got, ref in zip(jax.tree_util.tree_leaves(program(w, micro)), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5)
