@@ -215,3 +215,18 @@ def test_multisteps_and_cond_in_the_loss_leave_the_plan_alone():
         cond = _gpt_param_specs(loss_cond=True)
     assert multi == plain
     assert cond == plain
+
+
+def test_opaque_primitive_in_a_loop_body_warns_with_the_users_line():
+    import inspect
+
+    def f(w, xs):
+        def body(c, x):
+            y = jax.pure_callback(np.tanh, jax.ShapeDtypeStruct(c.shape, c.dtype), c @ w)  # the line
+            return y, None
+        return jax.lax.scan(body, xs[0], xs)[0].sum()
+
+    line = next(i for i, text in enumerate(inspect.getsourcelines(f)[0], inspect.getsourcelines(f)[1])
+                if "# the line" in text)
+    with pytest.warns(autoplan.UnsupportedPrimitiveWarning, match=rf"'pure_callback' \(at .*test_control_flow.py:{line} "):
+        _plan(f, jnp.ones((8, 8)), jnp.ones((3, 4, 8)))
