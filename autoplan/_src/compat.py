@@ -175,13 +175,3 @@ def sharding_spec(sharding) -> tuple[Any, ...] | None:
     spec = getattr(sharding, "spec", None)
     return None if spec is None else tuple(spec)
 
-
-def sharding_mesh_axes(sharding) -> dict[str, int]:
-    """Axis name -> size of the mesh a NamedSharding names (empty if it has none)."""
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is None:
-        return {}
-    try:
-        return dict(mesh.shape)
-    except Exception:  # noqa: BLE001 - an empty context mesh
-        return {}

@@ -23,9 +23,8 @@ import numpy as np
 from autoplan._src import cluster as C
 from autoplan._src import graph as G
 from autoplan._src.strategies import base as S
+from autoplan._src.strategies.control import USER_PINNED
 
-# Strategy names of layouts the user fixed (`autoplan._src.strategies.control`).
-USER_PINNED = "user-pinned"
 PLAN_FORMAT_VERSION = 2
 # Older formats this version still reads (format 1: anchors without keys).
 READABLE_VERSIONS = (1, 2)
