@@ -173,3 +173,32 @@ def test_compiled_communication_and_memory_match_the_prediction(model, planner):
     # Looser: at tiny sizes XLA's fixed scratch (MoE routing, sort buffers) is a large share (megatron on
     # moe-tiny: -35%); on the benchmark sizes the worst row is 21% (benchmarks/results/plan_quality.md).
     assert cost.memory_bytes == pytest.approx(memory, rel=0.4)
+
+
+def test_anchors_name_operators_by_key_and_format_1_plans_still_run(tmp_path):
+    """Anchors carry the walker's keys; a plan saved before keys (format 1, op ids only) emits the same program."""
+    import json
+
+    def step(w, x):
+        return jnp.tanh(jax.jit(lambda a, b: a @ b)(x, w)).sum()
+
+    w, x = jnp.ones((64, 128)) * 0.01, jnp.ones((256, 64))
+    plan = autoplan.plan(step, w, x, num_devices=8, cluster="a100-8x")
+    graph = T.trace(step, w, x)
+    assert plan.anchors and all(a.key == graph.ops[a.op].key for a in plan.anchors)
+    assert any(a.key == "0/jit/0" for a in plan.anchors)  # the dot inside the nested jit
+    path = tmp_path / "plan.json"
+    plan.save(str(path))
+    data = json.loads(path.read_text())
+    data["version"] = 1
+    for anchor in data["anchors"]:
+        del anchor["key"]
+    path.write_text(json.dumps(data))
+    old = autoplan.load_plan(str(path))
+    assert all(a.key == "" for a in old.anchors)
+    new_text = E.emit(plan, graph).lower(w, x).as_text()
+    assert E.emit(old, graph).lower(w, x).as_text() == new_text
+    data["anchors"][0]["op"] = len(graph.ops) + 5
+    path.write_text(json.dumps(data))
+    with pytest.raises(E.PlanMismatchError, match="no such operator"):
+        E.emit(autoplan.load_plan(str(path)), graph)

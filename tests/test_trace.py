@@ -5,6 +5,7 @@ import pytest
 
 import autoplan
 from autoplan._src import graph as G
+from autoplan._src import trace as T
 from autoplan._src.trace import layer_of, trace
 
 
@@ -80,3 +81,41 @@ def test_shape_dtype_structs_need_no_arrays():
     g = trace(lambda w: w @ w, jax.ShapeDtypeStruct((1 << 14, 1 << 14), jnp.float32))
     assert g.tensors[g.ops[g.input_ops[0]].outputs[0]].nbytes == 4 * (1 << 28)
     assert np.prod(g.ops[-2].output_shapes[0]) == 1 << 28
+
+
+def _plain_jax_stack(layers):
+    """An MLP stack written in plain JAX: parameters in a list, no module names."""
+    params = {"embed": jnp.ones((64, 256)) * 0.01,
+              "layers": [{"w1": jnp.ones((256, 1024)) * 0.01, "w2": jnp.ones((1024, 256)) * 0.01}
+                         for _ in range(layers)]}
+
+    def loss(params, x):
+        h = x @ params["embed"]
+        for p in params["layers"]:
+            h = h + jnp.tanh(h @ p["w1"]) @ p["w2"]
+        return (h ** 2).mean()
+
+    def step(params, x):
+        grads = jax.grad(loss)(params, x)
+        return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), loss(params, x)
+
+    return step, params, jnp.ones((512, 64))
+
+
+def test_layers_without_module_names_come_from_parameter_paths():
+    step, params, x = _plain_jax_stack(4)
+    graph = T.trace(step, params, x)
+    assert graph.layers == ["layers/0", "layers/1", "layers/2", "layers/3"]
+    dots = [op for op in graph.ops if op.primitive == "dot_general" and op.role == "forward"]
+    assert [op.layer for op in dots[:9]] == [""] + [f"layers/{i // 2}" for i in range(8)]
+
+
+def test_plain_jax_identical_layers_are_solved_once():
+    from autoplan._src import cluster as C
+    from autoplan._src import intra
+    from autoplan._src.strategies import base as S
+
+    ctx = S.Context(mesh=C.MeshShape(axis_names=("data", "model"), axis_sizes=(2, 4)),
+                    cluster=C.get_cluster("a100-8x"))
+    num_vars = {depth: intra.build_problem(T.trace(*_plain_jax_stack(depth)), ctx).num_vars for depth in (4, 8)}
+    assert num_vars[4] == num_vars[8], num_vars

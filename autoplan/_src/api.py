@@ -110,11 +110,12 @@ def evaluate(problem: intra.Problem, op_strategy: np.ndarray, peak_memory: float
                 continue
             resharded.add((tensor.id, dst))
             for col in S.reshard_collectives(src, dst, tensor.shape, tensor.dtype, ctx):
-                comm += col.seconds
-                comm_bytes += col.wire_bytes
+                seconds, wire = col.seconds * op.repeat, col.wire_bytes * op.repeat  # read inside op's loops
+                comm += seconds
+                comm_bytes += wire
                 uses.append(P.CollectiveUse(where=where, op=f"reshard {producer.primitive} -> {op.primitive}",
                                             kind=col.kind, axes=col.axes, nbytes=col.nbytes,
-                                            wire_bytes=col.wire_bytes, seconds=col.seconds))
+                                            wire_bytes=wire, seconds=seconds))
     for (kind, axes), latency in sorted(groups.items()):
         comm += latency
         uses.append(P.CollectiveUse(where="<combined>", op=f"latency of the combined gradient {kind}", kind=kind,
@@ -146,15 +147,17 @@ def plan_anchors(graph: G.Graph, strategies: Sequence[S.Strategy]) -> tuple[P.An
         if op.role not in (G.FORWARD, G.BACKWARD, G.OPTIMIZER):
             continue
         if op.primitive in P.ANCHOR_PRIMITIVES:
-            outputs[(op.id, 0)] = P.Anchor(op=op.id, output=0, label=label(op), shape=op.output_shapes[0],
-                                           spec=strategies[op.id].output_specs[0])
+            outputs[(op.id, 0)] = P.Anchor(op=op.id, key=op.key, output=0, label=label(op),
+                                           shape=op.output_shapes[0], spec=strategies[op.id].output_specs[0])
         for k, tensor, producer, src, dst in _reshards(graph, op, strategies):
             if not tensor.shape:
                 continue
-            operands.append(P.Anchor(op=op.id, output=0, operand=k, label=label(op), shape=tensor.shape, spec=dst))
+            operands.append(P.Anchor(op=op.id, key=op.key, output=0, operand=k, label=label(op), shape=tensor.shape,
+                                     spec=dst))
             if producer.role in (G.FORWARD, G.BACKWARD, G.OPTIMIZER):
                 outputs[(producer.id, tensor.output_index)] = P.Anchor(
-                    op=producer.id, output=tensor.output_index, label=label(producer), shape=tensor.shape, spec=src)
+                    op=producer.id, key=producer.key, output=tensor.output_index, label=label(producer),
+                    shape=tensor.shape, spec=src)
     return tuple(sorted(outputs.values(), key=lambda a: (a.op, a.output))) + tuple(operands)
 
 

@@ -23,8 +23,9 @@ Var = jex_core.Var
 ClosedJaxpr = jex_core.ClosedJaxpr
 Jaxpr = jex_core.Jaxpr
 
-# Primitives whose body is inlined into the graph: a nested jit, custom
-# derivative rules (their primal body is what runs), and remat.
+# Primitives whose body is inlined into the graph: a nested jit and custom
+# derivative rules (their primal body is what runs).  Remat regions and control
+# flow are kept as structure (`structure_kind`).
 INLINED_PRIMITIVES: dict[str, tuple[str, ...]] = {
     "jit": ("jaxpr",),
     "pjit": ("jaxpr",),
@@ -33,8 +34,6 @@ INLINED_PRIMITIVES: dict[str, tuple[str, ...]] = {
     "custom_jvp_call": ("call_jaxpr",),
     "custom_vjp_call": ("call_jaxpr", "fun_jaxpr"),
     "custom_vjp_call_jaxpr": ("fun_jaxpr", "call_jaxpr"),
-    "remat2": ("jaxpr",),
-    "checkpoint": ("jaxpr",),
     "custom_lin": (),
 }
 
@@ -131,3 +130,48 @@ def bind_equation(eqn, invals: list[Any]) -> list[Any]:
     with equation_context(eqn):
         out = eqn.primitive.bind(*invals, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+# Equations kept as structure: their bodies are walked, and re-emitted as the same construct.
+_STRUCTURED = {"scan": "scan", "while": "while", "cond": "cond", "remat2": "remat", "checkpoint": "remat"}
+
+
+def structure_kind(eqn) -> str | None:
+    """'scan', 'while', 'cond' or 'remat' for an equation with a body kept as structure, else None."""
+    return _STRUCTURED.get(eqn.primitive.name)
+
+
+def open_jaxpr(body) -> tuple[Jaxpr, list[Any]]:
+    """(jaxpr, consts) of a ClosedJaxpr or an open Jaxpr parameter."""
+    if isinstance(body, ClosedJaxpr):
+        return body.jaxpr, list(body.consts)
+    return body, []
+
+
+def bind_remat(eqn, fn, invals: list[Any]) -> list[Any]:
+    """Re-emit a ``jax.checkpoint`` region ``eqn`` with ``fn`` (its body, re-evaluated) as the body.
+
+    The region keeps the user's policy, ``prevent_cse`` and ``differentiated``
+    flags: a differentiated region lowers with an optimization barrier, which
+    is what stops XLA from undoing the recomputation (``jax.checkpoint`` called
+    afresh outside a derivative would drop it).
+    """
+    from jax._src.interpreters import partial_eval as pe
+
+    closed = jax.make_jaxpr(fn)(*invals)
+    jaxpr = pe.convert_constvars_jaxpr(closed.jaxpr)
+    params = dict(eqn.params)
+    prevent_cse = params.get("prevent_cse", True)
+    if isinstance(prevent_cse, tuple):
+        prevent_cse = (False,) * len(closed.consts) + prevent_cse
+    params.update(jaxpr=jaxpr, prevent_cse=prevent_cse)
+    with equation_context(eqn):
+        out = eqn.primitive.bind(*closed.consts, *invals, **params)
+    return list(out)
+
+
+def sharding_spec(sharding) -> tuple[Any, ...] | None:
+    """The PartitionSpec entries of a NamedSharding-like object, or None (other shardings)."""
+    spec = getattr(sharding, "spec", None)
+    return None if spec is None else tuple(spec)
+

@@ -2,11 +2,12 @@
 
 The plan fixes the layout of every input and output leaf and of the anchor
 intermediates (dot, conv and gather results, and both ends of every reshard
-it makes: the producer's result and the consumer's operand).  The emitter re-evaluates the
-step's jaxpr with a small interpreter that walks it exactly as `trace` did
-(same inlining, so the i-th operator here is op ``i`` of the Graph) and pins
-each anchor with ``jax.lax.with_sharding_constraint``; ``jax.jit`` gets the
-input/output shardings and donates the buffers that the step updates in place.
+it makes: the producer's result and the consumer's operand).  The emitter
+re-evaluates the step's jaxpr with the walker `trace` used (`walk.walk`), so
+an anchor's key names the same operator here, and pins each anchor with
+``jax.lax.with_sharding_constraint``; loops, branches and checkpoints are
+re-emitted as themselves.  ``jax.jit`` gets the input/output shardings and
+donates the buffers that the step updates in place.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from autoplan._src import cluster as C
 from autoplan._src import compat
 from autoplan._src import graph as G
 from autoplan._src import plan as P
+from autoplan._src import walk
 from autoplan._src.strategies import base as S
 
 
@@ -80,77 +82,168 @@ class PlanMismatchError(ValueError):
     """A plan does not belong to the function, arguments or mesh it is applied to."""
 
 
-# Graph roles of operators that are jaxpr equations (not inputs, outputs or constants).
-_EQUATION_ROLES = frozenset({G.FORWARD, G.BACKWARD, G.OPTIMIZER})
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Constraints:
-    """Shardings to pin, keyed by equation ordinal (the k-th non-inlined equation of the walk)."""
+    """Shardings to pin, keyed by operator key (`autoplan._src.walk`): results, and operands read resharded.
 
-    outputs: dict[int, dict[int, jax.sharding.NamedSharding]]
-    operands: dict[int, dict[int, jax.sharding.NamedSharding]]
+    A key may also name a loop or branch boundary (``"7/in2"``: the third
+    value entering equation 7's body), pinned where the body receives or
+    returns it.
+    """
+
+    outputs: dict[str, dict[int, jax.sharding.NamedSharding]]
+    operands: dict[str, dict[int, jax.sharding.NamedSharding]]
 
 
 def anchor_constraints(plan: P.Plan, graph: G.Graph, mesh: jax.sharding.Mesh) -> Constraints:
-    """The plan's anchors as shardings per equation ordinal: results, and operands where the plan reshards."""
-    ordinal, count = {}, 0
-    for op in graph.ops:
-        if op.role in _EQUATION_ROLES:
-            ordinal[op.id] = count
-            count += 1
-    outputs: dict[int, dict[int, jax.sharding.NamedSharding]] = {}
-    operands: dict[int, dict[int, jax.sharding.NamedSharding]] = {}
+    """The plan's anchors as shardings per operator key: results, and operands where the plan reshards.
+
+    An anchor saved before keys existed (plan format 1) names its operator by
+    graph position; the plan's fingerprint has already matched the graph.
+    """
+    by_key = {op.key: op for op in graph.ops if op.key}
+    outputs: dict[str, dict[int, jax.sharding.NamedSharding]] = {}
+    operands: dict[str, dict[int, jax.sharding.NamedSharding]] = {}
     for anchor in plan.anchors:
-        op = graph.ops[anchor.op] if 0 <= anchor.op < len(graph.ops) else None
+        if anchor.key:
+            op = by_key.get(anchor.key)
+        else:
+            op = graph.ops[anchor.op] if 0 <= anchor.op < len(graph.ops) else None
         if anchor.operand is None:
             shapes, index, target = (op.output_shapes if op else ()), anchor.output, outputs
         else:
             shapes, index, target = (op.input_shapes if op else ()), anchor.operand, operands
-        if op is None or op.id not in ordinal or not 0 <= index < len(shapes) \
-                or shapes[index] != tuple(anchor.shape):
+        if op is None or not op.key or not 0 <= index < len(shapes) or shapes[index] != tuple(anchor.shape):
             raise PlanMismatchError(
-                f"plan {plan.name!r} pins anchor {anchor.op} ({anchor.label}, shape {anchor.shape}) but the traced "
-                "step has no such operator: the plan was made for a different function; re-plan it")
+                f"plan {plan.name!r} pins anchor {anchor.key or anchor.op} ({anchor.label}, shape {anchor.shape}) "
+                "but the traced step has no such operator: the plan was made for a different function; re-plan it")
         sharding = jax.sharding.NamedSharding(mesh, S.to_partition_spec(anchor.spec))
-        target.setdefault(ordinal[op.id], {})[index] = sharding
+        target.setdefault(op.key, {})[index] = sharding
     return Constraints(outputs=outputs, operands=operands)
 
 
-class _Interpreter:
-    """Re-evaluates a jaxpr, inlining exactly as `trace` does, and pins anchored operands and results."""
+def _pin(values: list, shardings: dict | None) -> list:
+    for index, sharding in (shardings or {}).items():
+        if not jax.dtypes.issubdtype(getattr(values[index], "dtype", None), jax.dtypes.extended):
+            values[index] = jax.lax.with_sharding_constraint(values[index], sharding)
+    return values
 
-    def __init__(self, constraints: Constraints):
+
+class _Interpreter:
+    """Re-evaluates the step's jaxpr as a `walk.Visitor`, pinning anchored operands and results.
+
+    Loops and branches are re-emitted as ``lax.scan`` / ``lax.while_loop`` /
+    ``lax.switch`` with their body's constraints inside (the compiled program
+    keeps its loop), remat regions as checkpoints with the user's policy, and
+    the user's own sharding constraints on the plan's mesh.
+    """
+
+    def __init__(self, constraints: Constraints, mesh: jax.sharding.Mesh):
         self.constraints = constraints
-        self.count = 0
+        self.mesh = mesh
 
     def run(self, jaxpr, consts, args) -> list:
-        env = {}
+        return walk.walk(jaxpr, consts, args, self)
 
-        def read(atom):
-            return compat.literal_value(atom) if compat.is_literal(atom) else env[atom]
+    def constant(self, value, stack):
+        return value
 
-        def pin(values, shardings):
-            for index, sharding in (shardings or {}).items():
-                if not jax.dtypes.issubdtype(getattr(values[index], "dtype", None), jax.dtypes.extended):
-                    values[index] = jax.lax.with_sharding_constraint(values[index], sharding)
-            return values
+    def literal(self, atom, stack):
+        return compat.literal_value(atom)
 
-        env.update(zip(jaxpr.constvars, consts))
-        env.update(zip(jaxpr.invars, args))
-        for eqn in jaxpr.eqns:
-            invals = [read(atom) for atom in eqn.invars]
-            body = compat.inline_body(eqn)
-            if body is not None:
-                sub_jaxpr, sub_consts = body
-                with compat.equation_context(eqn):
-                    outs = self.run(sub_jaxpr, sub_consts, invals)
-            else:
-                invals = pin(invals, self.constraints.operands.get(self.count))
-                outs = pin(list(compat.bind_equation(eqn, invals)), self.constraints.outputs.get(self.count))
-                self.count += 1
-            env.update(zip(eqn.outvars, outs))
-        return [read(atom) for atom in jaxpr.outvars]
+    def equation(self, eqn, key, stack, invals):
+        invals = _pin(list(invals), self.constraints.operands.get(key))
+        if eqn.primitive.name in ("sharding_constraint", "reshard"):
+            outs = [self.user_constraint(eqn, invals[0])]
+        else:
+            outs = compat.bind_equation(eqn, invals)
+        return _pin(list(outs), self.constraints.outputs.get(key))
+
+    def user_constraint(self, eqn, value):
+        """The user's layout on the plan's mesh (their sharding may name an abstract or Explicit mesh)."""
+        entries = compat.sharding_spec(eqn.params.get("sharding", eqn.params.get("dst_sharding")))
+        if entries is None:
+            return compat.bind_equation(eqn, [value])[0]
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*entries))
+        with compat.equation_context(eqn):
+            return jax.lax.with_sharding_constraint(value, sharding)
+
+    def boundary(self, key: str, side: str, values: list, operand: bool) -> list:
+        """Pin values crossing a body boundary as the plan's loop_in / loop_out operators lay them out."""
+        table = self.constraints.operands if operand else self.constraints.outputs
+        out = list(values)
+        for j in range(len(out)):
+            pins = table.get(f"{key}/{side}{j}")
+            if pins and 0 in pins:
+                out[j] = _pin([out[j]], {0: pins[0]})[0]
+        return out
+
+    def body(self, jaxpr, consts, args, key: str, scope: str, stack: str, in_offset: int = 0) -> list:
+        args = self.boundary(key, "in", [None] * in_offset + list(args), operand=False)[in_offset:]
+        outs = walk.walk(jaxpr, consts, args, self, prefix=walk.scope_key(key, scope), stack=stack)
+        return self.boundary(key, "out", outs, operand=True)
+
+    def structured(self, kind, eqn, key, stack, invals):
+        params = eqn.params
+        if kind == "remat":
+            jaxpr, consts = compat.open_jaxpr(params["jaxpr"])
+            fn = lambda *args: walk.walk(jaxpr, consts, args, self,  # noqa: E731
+                                         prefix=walk.scope_key(key, "remat"), stack=stack)
+            return compat.bind_remat(eqn, fn, list(invals))
+        with compat.equation_context(eqn):
+            if kind == "scan":
+                return self.scan(eqn, key, stack, invals)
+            if kind == "while":
+                return self.while_loop(eqn, key, stack, invals)
+            return self.cond(eqn, key, stack, invals)
+
+    def scan(self, eqn, key, stack, invals):
+        params = eqn.params
+        jaxpr, consts = compat.open_jaxpr(params["jaxpr"])
+        n_consts, n_carry = params["num_consts"], params["num_carry"]
+        closed, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
+        closed = self.boundary(key, "in", closed, operand=True)
+        init = self.boundary(key, "in", [None] * n_consts + init, operand=True)[n_consts:]
+        xs = self.boundary(key, "in", [None] * (n_consts + n_carry) + xs, operand=True)[n_consts + n_carry:]
+
+        def step(carry, x):
+            outs = self.body(jaxpr, consts, [*closed, *carry, *x], key, "body", stack)
+            return outs[:n_carry], outs[n_carry:]
+
+        carry, ys = jax.lax.scan(step, init, xs, length=params["length"], reverse=params["reverse"],
+                                 unroll=params["unroll"])
+        return self.leave(key, [*carry, *ys])
+
+    def while_loop(self, eqn, key, stack, invals):
+        params = eqn.params
+        n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+        cond_jaxpr, cond_consts = compat.open_jaxpr(params["cond_jaxpr"])
+        body_jaxpr, body_consts = compat.open_jaxpr(params["body_jaxpr"])
+        cond_args, body_args, init = invals[:n_cond], invals[n_cond:n_cond + n_body], invals[n_cond + n_body:]
+        body_args = self.boundary(key, "in", body_args, operand=True)
+        init = self.boundary(key, "in", [None] * n_body + init, operand=True)[n_body:]
+
+        def keep_going(carry):
+            return walk.walk(cond_jaxpr, cond_consts, [*cond_args, *carry], self,
+                             prefix=walk.scope_key(key, "cond"), stack=stack)[0]
+
+        def step(carry):
+            return self.body(body_jaxpr, body_consts, [*body_args, *carry], key, "body", stack)
+
+        return self.leave(key, list(jax.lax.while_loop(keep_going, step, list(init))))
+
+    def cond(self, eqn, key, stack, invals):
+        index, operands = invals[0], self.boundary(key, "in", invals[1:], operand=True)
+
+        def branch(b, jaxpr, consts):
+            return lambda *args: self.body(jaxpr, consts, list(args), key, f"branch{b}", stack)
+
+        branches = [branch(b, *compat.open_jaxpr(closed)) for b, closed in enumerate(eqn.params["branches"])]
+        return self.leave(key, list(jax.lax.switch(index, branches, *operands)))
+
+    def leave(self, key: str, values: list) -> list:
+        """Results of a loop or branch, in the layout the plan gives its ``loop_out`` operators."""
+        return self.boundary(key, "out", values, operand=False)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -215,7 +308,7 @@ def emit(plan: P.Plan, graph: G.Graph, mesh: jax.sharding.Mesh | None = None, *,
 
     def body(*dynamic_args):
         leaves = jax.tree_util.tree_leaves(dynamic_args)
-        outs = _Interpreter(constraints).run(closed.jaxpr, closed.consts, leaves)
+        outs = _Interpreter(constraints, mesh).run(closed.jaxpr, closed.consts, leaves)
         return jax.tree_util.tree_unflatten(graph.output_tree, outs)
 
     jitted = jax.jit(body, in_shardings=tuple(in_shardings), out_shardings=out_shardings,

@@ -74,6 +74,10 @@ class Op:
     path: str | None = None
     source_info: Any = None
     signature: tuple = ()
+    # Stable identity from `autoplan._src.walk` ("7/body/3"); empty for inputs, outputs, constants.
+    key: str = ""
+    # How many times the operator runs per step: the trip counts of the loops around it.
+    repeat: int = 1
 
     @property
     def source(self) -> str:
@@ -104,6 +108,9 @@ class Graph:
     aliases: dict[int, int]
     layers: list[str]
     closed_jaxpr: Any = None
+    # Pairs of operators whose first result / operand must share one layout: a loop carry
+    # as it enters the body and as the body hands it back.
+    ties: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     consumers: list[list[tuple[int, int]]] = dataclasses.field(default_factory=list)
     last_use: list[int] = dataclasses.field(default_factory=list)
 

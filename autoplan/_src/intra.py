@@ -36,6 +36,7 @@ from ortools.sat.python import cp_model
 
 from autoplan._src import graph as G
 from autoplan._src.strategies import base as S
+from autoplan._src.strategies import control
 from autoplan._src.strategies.base import ELEMENTWISE
 
 # Operators that follow an operand's layout rather than getting their own choice.
@@ -95,14 +96,22 @@ class Problem:
 
 
 def _op_strategies(graph: G.Graph, ctx: S.Context) -> list[list[S.Strategy]]:
+    """Strategies per operator; an operator inside loops pays its compute and collectives per trip."""
     cache: dict[tuple, list[S.Strategy]] = {}
     warned: set[str] = set()
+    combined = combined_ops(graph) if any(op.repeat != 1 for op in graph.ops) else frozenset()
     out = []
-    for op, traffic in zip(graph.ops, S.fused_traffic(graph)):
-        key = (op.signature, traffic)
+    for op, traffic in zip(graph.ops, _boundary_traffic(graph)):
+        key = (op.signature, traffic, op.repeat, op.id in combined)
         found = cache.get(key)
         if found is None:
-            found = cache[key] = S.strategies_for(op, ctx, warned, traffic)
+            if op.primitive in control.BOUNDARY_PRIMITIVES:  # free: what crosses is priced on the edges
+                found = control.boundary(op, ctx)
+            else:
+                found = S.strategies_for(op, ctx, warned, traffic)
+            if op.repeat != 1:
+                found = [_repeated(s, op.repeat, ctx, latency_once=op.id in combined) for s in found]
+            cache[key] = found
         out.append(found)
     return out
 
@@ -130,6 +139,63 @@ def _with_pinned_layouts(graph: G.Graph, strategies: list[list[S.Strategy]],
                 S.Strategy(name=S.spec_name(spec), output_specs=() if as_output else (spec,),
                            input_specs=(spec,) if as_output else ()) for spec in extra]
     return out
+
+
+def _through(graph: G.Graph, t: int) -> int:
+    """The tensor ``t`` stands for once loop boundaries are looked through (a carry or slice is its source)."""
+    producer = graph.ops[graph.tensors[t].producer]
+    while producer.primitive in control.BOUNDARY_PRIMITIVES and producer.inputs[0] != G.LITERAL:
+        t = producer.inputs[0]
+        producer = graph.ops[graph.tensors[t].producer]
+    return t
+
+
+def _boundary_traffic(graph: G.Graph) -> tuple[S.OpTraffic, ...]:
+    """`S.fused_traffic` with loop boundaries transparent: a value crossing a body boundary is read
+    and written as it would be between the same operators of an unrolled loop."""
+    traffic = S.fused_traffic(graph)
+    if not any(op.primitive in control.BOUNDARY_PRIMITIVES for op in graph.ops):
+        return traffic
+    ops, out = graph.ops, list(traffic)
+    fusible = lambda op: op.primitive in S.FUSIBLE_PRODUCERS and op.role not in (G.INPUT, G.CONSTANT)  # noqa: E731
+
+    def consumers(t):  # consumers of t, looking through the boundaries it enters
+        for c, _ in graph.consumers[t]:
+            if ops[c].primitive in control.BOUNDARY_PRIMITIVES:
+                yield from consumers(ops[c].outputs[0])
+            else:
+                yield ops[c]
+
+    for op in ops:
+        if op.primitive in control.BOUNDARY_PRIMITIVES:
+            continue
+        reads = tuple(read if t == G.LITERAL or _through(graph, t) == t else not (
+            op.primitive in S.FUSIBLE_CONSUMERS and fusible(ops[graph.tensors[_through(graph, t)].producer]))
+                      for t, read in zip(op.inputs, traffic[op.id].inputs))
+        writes = tuple(write if not any(ops[c].primitive in control.BOUNDARY_PRIMITIVES
+                                        for c, _ in graph.consumers[t]) else
+                       op.primitive not in S.FUSIBLE_PRODUCERS or any(
+                           c.primitive not in S.FUSIBLE_CONSUMERS or c.role != op.role or c.primitive == "output"
+                           for c in consumers(t))
+                       for t, write in zip(op.outputs, traffic[op.id].outputs))
+        out[op.id] = S.OpTraffic(inputs=reads, outputs=writes)
+    return tuple(out)
+
+
+def _repeated(strategy: S.Strategy, times: int, ctx: S.Context, *, latency_once: bool) -> S.Strategy:
+    """``strategy`` run ``times`` times (an operator in a loop body): compute and collectives scale.
+
+    With ``latency_once`` (weight-gradient reductions, `combined_ops`) the
+    combinable collectives pay their latency once: they are independent across
+    iterations, and XLA's while-loop all-reduce code motion moves them out of
+    the loop into the one combined collective an unrolled model gets.
+    """
+    def scaled(c: S.Collective) -> S.Collective:
+        fixed = min(ctx.cluster.latency, c.seconds) if latency_once and c.kind in COMBINED_KINDS else 0.0
+        return dataclasses.replace(c, seconds=(c.seconds - fixed) * times + fixed, wire_bytes=c.wire_bytes * times)
+
+    return dataclasses.replace(strategy, compute_seconds=strategy.compute_seconds * times,
+                               collectives=tuple(scaled(c) for c in strategy.collectives))
 
 
 def _follow_map(op: G.Op, k: int, prod_strats: list[S.Strategy], out_index: int,
@@ -250,11 +316,12 @@ def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveO
                 maps[op.id] = fmap[base]
                 break
 
-    # 2. Updated outputs share the variable of the input they update (same spec list, same order).
-    for out_leaf, in_leaf in graph.aliases.items():
-        out_op, in_op = graph.output_ops[out_leaf], graph.input_ops[in_leaf]
-        root[out_op] = root[in_op]
-        maps[out_op] = maps[in_op]
+    # 2. Updated outputs share the variable of the input they update (same spec list, same order),
+    #    and a loop carry leaves its body in the layout it entered with (`G.Graph.ties`).
+    equal = [(graph.input_ops[i], graph.output_ops[o]) for o, i in graph.aliases.items()] + list(graph.ties)
+    for first, second in equal:
+        root[second] = root[first]
+        maps[second] = maps[first]
 
     # 3. Structurally identical layers share variables position by position.
     if options.tie_layers:
@@ -343,6 +410,8 @@ def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveO
                 continue
             va = op_var[a]
             sub = mat[np.ix_(op_map[a], op_map[op.id])]
+            if op.repeat != 1:  # resharded where it is read: inside the consumer's loops
+                sub = sub * op.repeat
             if va == vb:
                 node_cost[va] += np.diagonal(sub)
             elif (va, vb) in edge_cost:

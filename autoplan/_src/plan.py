@@ -23,8 +23,11 @@ import numpy as np
 from autoplan._src import cluster as C
 from autoplan._src import graph as G
 from autoplan._src.strategies import base as S
+from autoplan._src.strategies.control import USER_PINNED
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2
+# Older formats this version still reads (format 1: anchors without keys).
+READABLE_VERSIONS = (1, 2)
 ANCHOR_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated", "gather"})
 
 
@@ -51,7 +54,7 @@ class LeafSharding:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Anchor:
-    """An intermediate tensor whose layout the plan fixes (op index in the inlined jaxpr order).
+    """An intermediate tensor whose layout the plan fixes: result or operand of the operator ``key``.
 
     With ``operand`` None it is result ``output`` of the op; otherwise it is
     the op's ``operand``-th operand as the op reads it, which is where the
@@ -67,6 +70,9 @@ class Anchor:
     shape: tuple[int, ...]
     spec: S.Spec
     operand: int | None = None
+    # The operator's stable identity (`autoplan._src.walk`), what the emitter looks up;
+    # empty in plans saved in format 1, which name the operator by graph position only.
+    key: str = ""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -141,6 +147,12 @@ class Plan:
         return jax.tree_util.tree_unflatten(self.output_tree, specs)
 
     @property
+    def user_pinned(self) -> tuple[tuple[int, str], ...]:
+        """(operator index, strategy) of every layout the user fixed in the step (``with_sharding_constraint``,
+        ``reshard``): hard constraints the plan kept."""
+        return tuple((i, name) for i, name in enumerate(self.op_strategies) if name.startswith(USER_PINNED))
+
+    @property
     def num_devices(self) -> int:
         return self.mesh.size
 
@@ -202,6 +214,9 @@ class Plan:
             lines.append(f"  solver: {s.get('status', '?')} in {s.get('solve_seconds', 0):.2f} s, "
                          f"{s.get('num_vars', 0)} variables, {s.get('num_edges', 0)} edges "
                          f"(planned in {s.get('total_seconds', 0):.2f} s)")
+        if self.user_pinned:
+            lines.append(f"  user-pinned layouts (kept as written in the step): "
+                         f"{', '.join(name.split(' ', 1)[1] for _, name in self.user_pinned)}")
         lines.append("")
         lines.append("Inputs (rows that differ only in the layer number are merged):")
         lines += _leaf_table(self.inputs, self.mesh, max_rows)
@@ -248,7 +263,7 @@ class Plan:
             "cluster": self.cluster.to_dict(),
             "inputs": [leaf(x) for x in self.inputs], "outputs": [leaf(x) for x in self.outputs],
             "aliases": {str(k): v for k, v in sorted(self.aliases.items())},
-            "anchors": [{"op": a.op, "output": a.output, "label": a.label, "shape": list(a.shape),
+            "anchors": [{"op": a.op, "key": a.key, "output": a.output, "label": a.label, "shape": list(a.shape),
                          "spec": [list(s) for s in a.spec]} | ({} if a.operand is None else {"operand": a.operand})
                         for a in self.anchors],
             "op_strategies": list(self.op_strategies),
@@ -270,9 +285,9 @@ class Plan:
     def from_dict(cls, data: Mapping) -> Plan:
         if data.get("format") != "autoplan.plan":
             raise ValueError("not an autoplan plan file (missing format: autoplan.plan)")
-        if data.get("version") != PLAN_FORMAT_VERSION:
-            raise ValueError(f"plan file version {data.get('version')} is not supported (expected "
-                             f"{PLAN_FORMAT_VERSION}); re-plan with this autoplan")
+        if data.get("version") not in READABLE_VERSIONS:
+            raise ValueError(f"plan file version {data.get('version')} is not supported (this autoplan reads "
+                             f"versions {READABLE_VERSIONS}); re-plan with this autoplan")
         try:
             mesh = C.MeshShape(axis_names=tuple(data["mesh"]["axis_names"]),
                                axis_sizes=tuple(data["mesh"]["axis_sizes"]))
@@ -287,8 +302,9 @@ class Plan:
                 name=data["name"], mesh=mesh, cluster=C.Cluster.from_dict(data["cluster"]),
                 inputs=tuple(leaf(x) for x in data["inputs"]), outputs=tuple(leaf(x) for x in data["outputs"]),
                 aliases={int(k): int(v) for k, v in data["aliases"].items()},
-                anchors=tuple(Anchor(op=a["op"], output=a["output"], label=a["label"], shape=tuple(a["shape"]),
-                                     spec=tuple(tuple(s) for s in a["spec"]), operand=a.get("operand"))
+                anchors=tuple(Anchor(op=a["op"], key=a.get("key", ""), output=a["output"], label=a["label"],
+                                     shape=tuple(a["shape"]), spec=tuple(tuple(s) for s in a["spec"]),
+                                     operand=a.get("operand"))
                               for a in data["anchors"]),
                 op_strategies=tuple(data["op_strategies"]),
                 collectives=tuple(CollectiveUse(**(c | {"axes": tuple(c["axes"])})) for c in data["collectives"]),

@@ -1,17 +1,33 @@
 """Trace a step function into a `Graph`.
 
-``jax.make_jaxpr`` over arrays or ``jax.ShapeDtypeStruct``s gives a jaxpr;
-nested ``jit``, custom derivative calls and remat are inlined so every
-operator is visible to the planner.  Each operator is attributed to a layer
-from the Flax name stack (``jvp(GPT)/block3/mlp_in`` and
-``transpose(jvp(GPT))/block3/mlp_in`` are both layer ``block3``, forward and
-backward), and graph inputs/outputs keep their pytree paths.
+``jax.make_jaxpr`` over arrays or ``jax.ShapeDtypeStruct``s gives a jaxpr,
+visited with the walker the emitter shares (`autoplan._src.walk`): nested
+``jit`` and custom derivative calls are inlined so every operator is visible
+to the planner, and every operator keeps the walker's key.  Remat regions are
+walked like inlined ones (the emitter re-emits them as checkpoints).  Loops
+are structure: a ``scan`` or ``while`` body is walked once, its operators
+carrying the trip count as ``repeat`` (a ``while`` whose count is not visible
+gets `DEFAULT_WHILE_TRIP_COUNT` and one warning), with ``loop_in`` /
+``loop_out`` pseudo-operators at the body boundary and a tie between each
+carry's entering and leaving layout; a ``cond`` contributes its dearest
+branch (by FLOPs and bytes written), which prices the step as if that branch
+always ran.
+
+Each operator is attributed to a layer from the Flax name stack
+(``jvp(GPT)/block3/mlp_in`` and ``transpose(jvp(GPT))/block3/mlp_in`` are both
+layer ``block3``, forward and backward); a loop body is one layer; a step
+without module names gets layers from the list indices in its parameter paths
+(`path_layer`).  Graph inputs/outputs keep their pytree paths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
 import re
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +36,7 @@ import numpy as np
 
 from autoplan._src import compat
 from autoplan._src import graph as G
+from autoplan._src import walk
 
 
 class TraceError(ValueError):
@@ -83,6 +100,16 @@ def _strip_transforms(component: str) -> str:
         component = match.group(1)
 
 
+def module_below_root(name_stack: str) -> str:
+    """The first module below the root: inside a loop body, the loop's layer.
+
+    >>> module_below_root("transpose(jvp(GPT))/blocks/block/ln1")
+    'blocks'
+    """
+    components = [c for c in (_strip_transforms(p) for p in name_stack.split("/")) if c]
+    return components[1] if len(components) > 1 else ""
+
+
 def layer_of(name_stack: str) -> str:
     """The layer a name stack belongs to.
 
@@ -108,11 +135,26 @@ def layer_of(name_stack: str) -> str:
     return below_root[0] if below_root else ""
 
 
+# Trip count assumed for a ``while`` loop whose count JAX cannot see (a data-dependent
+# condition, or bounds that are traced values): its body is priced as running this many
+# times, with one warning naming the loop's source line.
+DEFAULT_WHILE_TRIP_COUNT = 8
+
+
+class DynamicTripCountWarning(UserWarning):
+    """A ``while`` loop's trip count is not visible in the jaxpr; a documented default is assumed."""
+
+
 class _Builder:
+    """Builds the Graph as a `walk.Visitor`: one Graph operator per equation, loops walked once."""
+
     def __init__(self):
         self.ops: list[G.Op] = []
         self.tensors: list[G.Tensor] = []
+        self.ties: list[tuple[int, int]] = []
         self.seen_backward = False
+        self.repeat = 1
+        self.loop_depth = 0
 
     def new_tensor(self, shape, dtype, producer: int, index: int) -> int:
         tid = len(self.tensors)
@@ -122,7 +164,7 @@ class _Builder:
 
     def add_op(self, *, primitive: str, inputs: Sequence[int], output_avals: Sequence[tuple], params=None,
                role: str, layer: str = "", name_stack: str = "", path: str | None = None,
-               source_info=None) -> G.Op:
+               source_info=None, key: str = "") -> G.Op:
         op_id = len(self.ops)
         outputs = tuple(self.new_tensor(shape, dtype, op_id, k) for k, (shape, dtype) in enumerate(output_avals))
         in_shapes = tuple(self.tensors[t].shape if t != G.LITERAL else () for t in inputs)
@@ -134,10 +176,22 @@ class _Builder:
         op = G.Op(id=op_id, primitive=primitive, inputs=tuple(inputs), outputs=outputs, input_shapes=in_shapes,
                   input_dtypes=in_dtypes, output_shapes=out_shapes, output_dtypes=out_dtypes, params=params,
                   layer=layer, role=role, name_stack=name_stack, path=path, source_info=source_info,
-                  signature=signature)
+                  signature=signature, key=key, repeat=self.repeat)
         self.ops.append(op)
         return op
 
+    def role_and_layer(self, stack: str) -> tuple[str, str]:
+        backward = "transpose(" in stack
+        self.seen_backward |= backward
+        # A loop body is one layer (an nn.scan over blocks: 'blocks'), whatever its modules are called.
+        layer = module_below_root(stack) if self.loop_depth else layer_of(stack)
+        if backward:
+            return G.BACKWARD, layer
+        if layer or not self.seen_backward:
+            return G.FORWARD, layer
+        return G.OPTIMIZER, layer
+
+    # -- walk.Visitor ------------------------------------------------------------------
     def constant(self, value, stack: str) -> int:
         arr = np.asarray(value) if not hasattr(value, "aval") else value
         shape, dtype = tuple(np.shape(arr)), getattr(arr, "dtype", np.asarray(arr).dtype)
@@ -145,46 +199,168 @@ class _Builder:
                          name_stack=stack)
         return op.outputs[0]
 
-    def read(self, env, atom) -> int:
-        if compat.is_literal(atom):
-            return G.LITERAL
-        return env[atom]
+    def literal(self, atom, stack: str) -> int:
+        return G.LITERAL
 
-    def walk(self, jaxpr, env: dict, stack_prefix: str) -> None:
-        for eqn in jaxpr.eqns:
-            inner = compat.name_stack(eqn)
-            stack = f"{stack_prefix}/{inner}" if stack_prefix and inner else (stack_prefix or inner)
-            body = compat.inline_body(eqn)
-            if body is not None:
-                sub_jaxpr, consts = body
-                sub_env = {}
-                for var, value in zip(sub_jaxpr.constvars, consts):
-                    sub_env[var] = self.constant(value, stack)
-                for var, atom in zip(sub_jaxpr.invars, eqn.invars):
-                    tid = self.read(env, atom)
-                    sub_env[var] = tid if tid != G.LITERAL else self.constant(compat.literal_value(atom), stack)
-                self.walk(sub_jaxpr, sub_env, stack)
-                for var, atom in zip(eqn.outvars, sub_jaxpr.outvars):
-                    if compat.is_literal(atom):
-                        env[var] = self.constant(compat.literal_value(atom), stack)
-                    else:
-                        env[var] = sub_env[atom]
-                continue
-            backward = "transpose(" in stack
-            self.seen_backward |= backward
-            layer = layer_of(stack)
-            if backward:
-                role = G.BACKWARD
-            elif layer or not self.seen_backward:
-                role = G.FORWARD
-            else:
-                role = G.OPTIMIZER
-            inputs = [self.read(env, a) for a in eqn.invars]
-            avals = [compat.aval_shape_dtype(v) for v in eqn.outvars]
-            op = self.add_op(primitive=eqn.primitive.name, inputs=inputs, output_avals=avals, params=eqn.params,
-                             role=role, layer=layer, name_stack=stack, source_info=eqn.source_info)
-            for var, tid in zip(eqn.outvars, op.outputs):
-                env[var] = tid
+    def equation(self, eqn, key: str, stack: str, invals: list) -> list[int]:
+        role, layer = self.role_and_layer(stack)
+        avals = [compat.aval_shape_dtype(v) for v in eqn.outvars]
+        op = self.add_op(primitive=eqn.primitive.name, inputs=invals, output_avals=avals, params=eqn.params,
+                         role=role, layer=layer, name_stack=stack, source_info=eqn.source_info, key=key)
+        return list(op.outputs)
+
+    def structured(self, kind: str, eqn, key: str, stack: str, invals: list) -> list[int]:
+        if kind == "remat":
+            jaxpr, consts = compat.open_jaxpr(eqn.params["jaxpr"])
+            return self.body(jaxpr, consts, invals, walk.scope_key(key, "remat"), stack)
+        if kind == "scan":
+            return self.scan(eqn, key, stack, invals)
+        if kind == "while":
+            return self.while_loop(eqn, key, stack, invals)
+        return self.cond(eqn, key, stack, invals)
+
+    # -- structure -----------------------------------------------------------------------
+    def body(self, jaxpr, consts, args, prefix: str, stack: str) -> list[int]:
+        const_ids = [self.constant(value, stack) for value in consts]
+        return walk.walk(jaxpr, const_ids, args, self, prefix=prefix, stack=stack)
+
+    def boundary(self, primitive: str, kinds: Sequence[str], tensors: Sequence[int], avals, eqn, key: str,
+                 stack: str) -> list[int]:
+        """One ``loop_in`` / ``loop_out`` pseudo-operator per value crossing a loop or branch boundary."""
+        role, layer = self.role_and_layer(stack)
+        out = []
+        for j, (kind, tid, aval) in enumerate(zip(kinds, tensors, avals)):
+            op = self.add_op(primitive=primitive, inputs=(tid,), output_avals=[aval], params={"kind": kind},
+                             role=role, layer=layer, name_stack=stack, source_info=eqn.source_info,
+                             key=f"{key}/{'in' if primitive == 'loop_in' else 'out'}{j}")
+            out.append(op.outputs[0])
+        return out
+
+    def loop(self, eqn, key: str, stack: str, jaxpr, consts, invals, kinds, trip_count: int) -> list[int]:
+        """Walk a loop body once: its operators run ``trip_count`` times; carries keep one layout."""
+        in_avals = [compat.aval_shape_dtype(v) for v in jaxpr.invars]
+        first = len(self.ops)
+        args = self.boundary("loop_in", kinds, invals, in_avals, eqn, key, stack)
+        outer = self.repeat
+        self.repeat = outer * max(int(trip_count), 1)
+        self.loop_depth += 1
+        try:
+            outs = self.body(jaxpr, consts, args, walk.scope_key(key, "body"), stack)
+            carries = [k for k in kinds if k == "carry"]
+            out_kinds = ["carry"] * len(carries) + ["ys"] * (len(outs) - len(carries))
+            out_avals = [compat.aval_shape_dtype(v) for v in eqn.outvars]
+            results = self.boundary("loop_out", out_kinds, outs, out_avals, eqn, key, stack)
+        finally:
+            self.repeat = outer
+            self.loop_depth -= 1
+        self.join_boundaries(first)
+        entering = [self.tensors[a].producer for a, k in zip(args, kinds) if k == "carry"]
+        leaving = [self.tensors[r].producer for r in results[:len(entering)]]
+        self.ties.extend(zip(entering, leaving))
+        return results
+
+    def join_boundaries(self, first: int) -> None:
+        """Boundary operators of a body created from ``first`` on join its most common layer."""
+        layers = Counter(op.layer for op in self.ops[first:] if op.layer and op.primitive not in _BOUNDARIES)
+        if not layers:
+            return
+        layer = layers.most_common(1)[0][0]
+        for op in self.ops[first:]:
+            if op.primitive in _BOUNDARIES and op.layer != layer:
+                self.ops[op.id] = dataclasses.replace(op, layer=layer)
+
+    def scan(self, eqn, key: str, stack: str, invals: list) -> list[int]:
+        params = eqn.params
+        jaxpr, consts = compat.open_jaxpr(params["jaxpr"])
+        n_consts, n_carry = params["num_consts"], params["num_carry"]
+        kinds = ["const"] * n_consts + ["carry"] * n_carry + ["xs"] * (len(invals) - n_consts - n_carry)
+        return self.loop(eqn, key, stack, jaxpr, consts, invals, kinds, params["length"])
+
+    def while_loop(self, eqn, key: str, stack: str, invals: list) -> list[int]:
+        params = eqn.params
+        n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+        jaxpr, consts = compat.open_jaxpr(params["body_jaxpr"])
+        trip_count = _while_trip_count(eqn)
+        if trip_count is None:
+            trip_count = DEFAULT_WHILE_TRIP_COUNT
+            warnings.warn(
+                f"autoplan cannot see the trip count of the while loop at {compat.source_summary(eqn.source_info)}"
+                f"; its body is priced as running {DEFAULT_WHILE_TRIP_COUNT} times "
+                "(autoplan.trace.DEFAULT_WHILE_TRIP_COUNT). Use lax.fori_loop or lax.scan with static bounds "
+                "for an exact count.", DynamicTripCountWarning, stacklevel=2)
+        body_in = invals[n_cond:]
+        kinds = ["const"] * n_body + ["carry"] * (len(body_in) - n_body)
+        return self.loop(eqn, key, stack, jaxpr, consts, body_in, kinds, trip_count)
+
+    def cond(self, eqn, key: str, stack: str, invals: list) -> list[int]:
+        """Plan the dearest branch (by FLOPs and bytes): the one layout at the boundary serves every
+        branch, and the step is priced as if that branch always ran."""
+        branches = eqn.params["branches"]
+        chosen = max(range(len(branches)), key=lambda b: (_jaxpr_work(branches[b].jaxpr), -b))
+        jaxpr, consts = compat.open_jaxpr(branches[chosen])
+        in_avals = [compat.aval_shape_dtype(v) for v in jaxpr.invars]
+        args = self.boundary("loop_in", ["value"] * len(in_avals), invals[1:], in_avals, eqn, key, stack)
+        first = len(self.ops) - len(args)
+        outs = self.body(jaxpr, consts, args, walk.scope_key(key, f"branch{chosen}"), stack)
+        out_avals = [compat.aval_shape_dtype(v) for v in eqn.outvars]
+        results = self.boundary("loop_out", ["value"] * len(outs), outs, out_avals, eqn, key, stack)
+        self.join_boundaries(first)
+        return results
+
+
+_BOUNDARIES = ("loop_in", "loop_out")
+
+
+def _jaxpr_work(jaxpr) -> float:
+    """FLOPs of dots plus elements written by everything else (loops times their trip count)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        sizes = [math.prod(compat.aval_shape_dtype(v)[0]) for v in eqn.outvars]
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = compat.aval_shape_dtype(eqn.invars[0])[0]
+            total += 2.0 * sum(sizes) * math.prod(lhs[d] for d in contract)
+        else:
+            total += sum(sizes)
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple) else (value,):
+                if isinstance(sub, (compat.ClosedJaxpr, compat.Jaxpr)):
+                    total += times * _jaxpr_work(compat.open_jaxpr(sub)[0])
+    return total
+
+
+def _while_trip_count(eqn) -> int | None:
+    """The trip count of ``while i < n: i += 1`` with literal start and bound, else None."""
+    params = eqn.params
+    cond_jaxpr, _ = compat.open_jaxpr(params["cond_jaxpr"])
+    body_jaxpr, _ = compat.open_jaxpr(params["body_jaxpr"])
+    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    if len(cond_jaxpr.eqns) != 1 or cond_jaxpr.eqns[0].primitive.name != "lt":
+        return None
+    init = eqn.invars[n_cond + n_body:]
+    carry_vars = cond_jaxpr.invars[n_cond:]
+
+    def known(atom):
+        if compat.is_literal(atom):
+            return int(compat.literal_value(atom)), None
+        if atom in carry_vars:
+            k = carry_vars.index(atom)
+            if compat.is_literal(init[k]):
+                return int(compat.literal_value(init[k])), k
+        return None, None
+
+    (start, counter), (stop, _) = (known(a) for a in cond_jaxpr.eqns[0].invars)
+    if start is None or stop is None or counter is None:
+        return None
+    # The body must add 1 to the counter.
+    out = body_jaxpr.outvars[counter]
+    step = next((e for e in body_jaxpr.eqns if out in e.outvars), None)
+    counter_in = body_jaxpr.invars[n_body + counter]
+    if step is None or step.primitive.name != "add" or counter_in not in step.invars or not any(
+            compat.is_literal(a) and compat.literal_value(a) == 1 for a in step.invars):
+        return None
+    return max(stop - start, 0)
 
 
 def _layer_from_path(path: str, layers: set[str]) -> str:
@@ -228,23 +404,17 @@ def trace(fn, *args, static_argnums: Sequence[int] = ()) -> G.Graph:
 
     builder = _Builder()
     jaxpr = closed.jaxpr
-    env: dict = {}
-    for var, value in zip(jaxpr.constvars, closed.consts):
-        env[var] = builder.constant(value, "")
-    input_ops = []
-    for var, path, struct in zip(jaxpr.invars, input_paths, structs):
+    consts = [builder.constant(value, "") for value in closed.consts]
+    input_ops, args = [], []
+    for path, struct in zip(input_paths, structs):
         op = builder.add_op(primitive="input", inputs=(), output_avals=[(struct.shape, struct.dtype)],
                             role=G.INPUT, path=path)
-        env[var] = op.outputs[0]
+        args.append(op.outputs[0])
         input_ops.append(op.id)
-    builder.walk(jaxpr, env, "")
+    results = walk.walk(jaxpr, consts, args, builder)
 
     output_ops = []
-    for atom, path in zip(jaxpr.outvars, output_paths):
-        tid = builder.read(env, atom)
-        if tid == G.LITERAL:
-            tid = builder.constant(compat.literal_value(atom), "")
-        t = builder.tensors[tid]
+    for tid, path in zip(results, output_paths):
         op = builder.add_op(primitive="output", inputs=(tid,), output_avals=[], role=G.OUTPUT, path=path)
         output_ops.append(op.id)
 
@@ -262,11 +432,59 @@ def trace(fn, *args, static_argnums: Sequence[int] = ()) -> G.Graph:
                 layer = ops[builder.tensors[op.inputs[0]].producer].layer
             ops[i] = _replace_layer(op, layer)
 
+    if not layers:  # no module names (plain JAX, NNX): layers from parameter paths and data flow
+        layers = _layers_by_structure(ops, builder.tensors)
     _propagate_layers(ops, builder.tensors)
     aliases = _find_aliases(out_leaves_with_paths, input_paths, structs, names, dynamic)
     return G.Graph(ops=ops, tensors=builder.tensors, input_ops=input_ops, output_ops=output_ops,
                    input_tree=input_tree, output_tree=output_tree, input_paths=input_paths,
-                   output_paths=output_paths, aliases=aliases, layers=layers, closed_jaxpr=closed)
+                   output_paths=output_paths, aliases=aliases, layers=layers, closed_jaxpr=closed,
+                   ties=builder.ties)
+
+
+def path_layer(path: str) -> tuple[str, int] | None:
+    """The layer a leaf belongs to by its pytree path: the last list index and the name before it.
+
+    >>> path_layer("opt_state/0/mu/layers/3/mlp/kernel")
+    ('layers/3', 3)
+    >>> path_layer("params/embed") is None
+    True
+    """
+    matches = list(re.finditer(r"([^/]+)/(\d+)(?=/|$)", path))
+    if not matches or matches[-1].start() == 0:
+        return None
+    name, index = matches[-1].group(1), matches[-1].group(2)
+    return f"{name}/{index}", int(index)
+
+
+def _layers_by_structure(ops: list[G.Op], tensors: list[G.Tensor]) -> list[str]:
+    """Layers of a step without module names, from the list indices of its parameter paths.
+
+    Each input leaf under ``.../layers/3/...`` seeds layer ``layers/3``; an
+    operator joins the newest layer among its operands: the highest index in
+    the forward pass and the optimizer update, the lowest in the backward pass
+    (which runs the layers in reverse).  Layers of equal structure then tie in
+    the intra-op pass as named ones do.
+    """
+    rank: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        found = path_layer(op.path) if op.role == G.INPUT and op.path else None
+        if found is not None:
+            rank[found[0]] = found[1]
+            ops[i] = _replace_layer(op, found[0])
+    if len(rank) < 2:
+        return []
+    for i, op in enumerate(ops):
+        if op.role in (G.INPUT, G.OUTPUT, G.CONSTANT) or op.layer:
+            continue
+        candidates = {ops[tensors[t].producer].layer for t in op.inputs if t != G.LITERAL} - {""}
+        if candidates:
+            pick = min if op.role == G.BACKWARD else max
+            ops[i] = _replace_layer(op, pick(candidates, key=lambda name: (rank[name], name)))
+    for i, op in enumerate(ops):
+        if op.role == G.OUTPUT and not op.layer:
+            ops[i] = _replace_layer(op, ops[tensors[op.inputs[0]].producer].layer)
+    return sorted(rank, key=lambda name: (rank[name], name))
 
 
 def _propagate_layers(ops: list[G.Op], tensors: list[G.Tensor]) -> None:

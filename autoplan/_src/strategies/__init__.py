@@ -6,3 +6,4 @@ from autoplan._src.strategies.base import (  # noqa: F401
     register_strategy, registered, replicated, reshard_collectives, reshard_matrix,
     reshard_seconds, spec_name, strategies_for, to_partition_spec)
 from autoplan._src.strategies import conv as conv, indexing as indexing  # noqa: F401
+from autoplan._src.strategies import control as control  # noqa: F401
