@@ -1,0 +1,252 @@
+"""The inter-operator pass: cluster a step's ops into layers and slice the layers into pipeline stages.
+
+The stage DP (Alpa, OSDI'22, section 5.2) picks contiguous layer ranges, a
+submesh (device count) per range, a logical mesh inside it and the number of
+microbatches ``B`` to minimise the pipeline step latency
+
+    T = sum_i t_i + (B - 1) * max_i t_i
+
+where ``t_i`` is the forward plus backward time of one microbatch on stage
+``i``.  This is the latency of GPipe and 1F1B with the bubble counted in: the
+first microbatch crosses every stage (``sum t_i``), the slowest stage then
+runs the other ``B - 1`` microbatches back to back; the idle slots of faster
+stages are the bubble.  Memory: stage ``i`` holds its weights and optimizer
+state, plus the activations of the microbatches its schedule keeps alive:
+``B`` under GPipe, ``min(S - i, B)`` under 1F1B (``S - i`` = the stages from
+``i`` to the last, counted from the end as the DP does).
+
+Stage costs come from a callback ``cost(start, end, devices, microbatches)``
+returning `StageOption`s (one per logical mesh); `graph_stage_costs` makes one
+from a traced `Graph` by solving the intra-operator ILP on the sub-graph of
+those layers, solving structurally identical ranges once.  Tests can pass a
+synthetic table instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from autoplan._src import cluster as C
+from autoplan._src import graph as G
+from autoplan._src import pipeline as PL
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StageOption:
+    """One way to run a layer range on a submesh: its logical mesh, latency and memory.
+
+    ``seconds`` is forward + backward of one microbatch; ``weight_bytes`` is
+    what the stage holds regardless of microbatches (weights, gradients,
+    optimizer state) and ``activation_bytes`` what one in-flight microbatch adds,
+    both per device.
+    """
+
+    mesh: C.MeshShape
+    seconds: float
+    weight_bytes: float
+    activation_bytes: float
+    detail: Any = dataclasses.field(default=None, compare=False)
+
+    def memory(self, in_flight: int) -> float:
+        return self.weight_bytes + in_flight * self.activation_bytes
+
+
+StageCost = Callable[[int, int, int, int], Sequence[StageOption]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Stage:
+    """One pipeline stage of a plan: layers ``[start, end)``, its submesh and predicted cost."""
+
+    start: int
+    end: int
+    layers: tuple[str, ...]
+    devices: int
+    mesh: C.MeshShape
+    seconds: float
+    memory_bytes: float
+    in_flight: int
+
+    def to_dict(self) -> dict:
+        return {"start": self.start, "end": self.end, "layers": list(self.layers), "devices": self.devices,
+                "mesh": self.mesh.as_dict(), "seconds": self.seconds, "memory_bytes": self.memory_bytes,
+                "in_flight": self.in_flight}
+
+    @classmethod
+    def from_dict(cls, data) -> Stage:
+        mesh = C.MeshShape.from_mesh(data["mesh"])
+        return cls(start=data["start"], end=data["end"], layers=tuple(data["layers"]), devices=data["devices"],
+                   mesh=mesh, seconds=data["seconds"], memory_bytes=data["memory_bytes"],
+                   in_flight=data["in_flight"])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineChoice:
+    """The stage DP's answer: stages, microbatches, schedule and the predicted step latency."""
+
+    stages: tuple[Stage, ...]
+    microbatches: int
+    schedule: str
+    step_seconds: float
+    alternatives: tuple[PipelineChoice, ...] = ()
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of the step under the T formula: 1 - sum_i B t_i / (S T)."""
+        busy = sum(self.microbatches * s.seconds for s in self.stages)
+        return 1.0 - busy / (len(self.stages) * self.step_seconds) if self.step_seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        parts = [f"{s.start}:{s.end}@{s.devices}" for s in self.stages]
+        return f"{len(self.stages)} stages [{', '.join(parts)}], B={self.microbatches}, {self.step_seconds:.6g} s"
+
+
+def pipeline_seconds(stage_seconds: Sequence[float], microbatches: int) -> float:
+    """Pipeline step latency ``sum t_i + (B - 1) max t_i``.
+
+    >>> pipeline_seconds([1.0, 2.0, 1.0], 4)
+    10.0
+    """
+    return sum(stage_seconds) + (microbatches - 1) * max(stage_seconds)
+
+
+def in_flight(schedule: str, stages_from_here: int, microbatches: int) -> int:
+    """Microbatches whose activations a stage keeps alive; ``stages_from_here`` = S - s for stage s.
+
+    >>> in_flight("gpipe", 2, 8), in_flight("1f1b", 2, 8)
+    (8, 2)
+    """
+    if schedule == "gpipe":
+        return microbatches
+    if schedule in ("1f1b", "interleaved"):
+        return min(stages_from_here, microbatches)
+    raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {PL.SCHEDULES}")
+
+
+def submesh_sizes(num_devices: int, devices_per_node: int) -> list[int]:
+    """Alpa's submesh shapes as device counts: 1, 2, 4, ... within a node, then whole nodes.
+
+    >>> submesh_sizes(16, 4)
+    [1, 2, 4, 8, 12, 16]
+    """
+    per_node = min(devices_per_node, num_devices)
+    sizes = [1 << k for k in range(per_node.bit_length()) if (1 << k) <= per_node]
+    if per_node not in sizes:
+        sizes.append(per_node)
+    sizes += [n * per_node for n in range(2, num_devices // per_node + 1)]
+    return sorted(set(s for s in sizes if s <= num_devices))
+
+
+def solve_stages(num_layers: int, num_devices: int, cost: StageCost, *, microbatches: Sequence[int],
+                 schedule: str = "1f1b", memory_budget: float = math.inf, sizes: Sequence[int] | None = None,
+                 num_stages: Sequence[int] | None = None, uniform: bool = False,
+                 layer_names: Sequence[str] | None = None, keep: int = 8) -> PipelineChoice:
+    """Alpa's stage DP: the layer ranges, submeshes, logical meshes and ``B`` of least step latency.
+
+    ``sizes`` are the allowed device counts per stage (default `submesh_sizes`
+    with one node of all devices); the stages' counts sum to ``num_devices``.
+    ``uniform`` gives every stage the same count (the SPMD runtime needs it).
+    ``num_stages`` / ``microbatches`` restrict the search (the user's pins).
+    The best plan per (stages, B) pair is kept as ``alternatives``, best first.
+
+    >>> table = lambda i, j, d, b: [StageOption(mesh=C.MeshShape(axis_names=("data",), axis_sizes=(d,)),
+    ...     seconds=(j - i) / d / b, weight_bytes=0.0, activation_bytes=0.0)]
+    >>> solve_stages(4, 2, table, microbatches=[4], sizes=[1, 2]).describe()
+    '1 stages [0:4@2], B=4, 2 s'
+    >>> solve_stages(4, 2, table, microbatches=[4], sizes=[1, 2], num_stages=[2]).describe()
+    '2 stages [0:2@1, 2:4@1], B=4, 2.5 s'
+    """
+    sizes = list(sizes) if sizes is not None else submesh_sizes(num_devices, num_devices)
+    allowed_stages = sorted(set(num_stages)) if num_stages else list(range(1, num_layers + 1))
+    if max(allowed_stages) > num_layers:
+        raise ValueError(f"{max(allowed_stages)} pipeline stages requested but the model has only {num_layers} "
+                         f"layers to slice; ask for at most {num_layers} stages")
+    names = list(layer_names) if layer_names is not None else [str(i) for i in range(num_layers)]
+    found: list[PipelineChoice] = []
+    for b in microbatches:
+        options = _option_table(num_layers, sizes, cost, b)
+        for stages in allowed_stages:
+            stage_sizes = sizes
+            if uniform:
+                if num_devices % stages or num_devices // stages not in sizes:
+                    continue
+                stage_sizes = [num_devices // stages]
+            choice = _dp(num_layers, num_devices, stages, b, options, stage_sizes, schedule, memory_budget, names)
+            if choice is not None:
+                found.append(choice)
+    if not found:
+        raise ValueError(_no_plan_message(num_layers, num_devices, microbatches, allowed_stages, memory_budget))
+    found.sort(key=lambda c: c.step_seconds)
+    return dataclasses.replace(found[0], alternatives=tuple(found[1:keep]))
+
+
+def _option_table(num_layers: int, sizes: Sequence[int], cost: StageCost, b: int) -> dict:
+    return {(i, j, d): tuple(cost(i, j, d, b)) for i in range(num_layers) for j in range(i + 1, num_layers + 1)
+            for d in sizes}
+
+
+def _dp(num_layers: int, num_devices: int, num_stages: int, b: int, options: dict, sizes: Sequence[int],
+        schedule: str, budget: float, names: Sequence[str]) -> PipelineChoice | None:
+    """Exactly ``num_stages`` stages over all layers and devices; outer loop over t_max with Alpa's pruning."""
+    candidates = sorted({o.seconds for opts in options.values() for o in opts})
+    best: tuple[float, Any] | None = None
+    for t_max in candidates:
+        if best is not None and b * t_max >= best[0]:
+            break  # every plan whose slowest stage is >= t_max costs >= B * t_max (Alpa's early stop)
+        table = _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, budget, t_max)
+        entry = table.get((num_stages, 0, num_devices))
+        if entry is None:
+            continue
+        total = entry[0] + (b - 1) * t_max
+        if best is None or total < best[0] - 1e-15:
+            best = (total, entry)
+    if best is None:
+        return None
+    stages, (_, chain) = [], best[1]
+    remaining = num_stages
+    while chain is not None:
+        (i, j, d, option), chain = chain
+        stages.append(Stage(start=i, end=j, layers=tuple(names[i:j]), devices=d, mesh=option.mesh,
+                            seconds=option.seconds, memory_bytes=option.memory(in_flight(schedule, remaining, b)),
+                            in_flight=in_flight(schedule, remaining, b)))
+        remaining -= 1
+    step = pipeline_seconds([s.seconds for s in stages], b)
+    return PipelineChoice(stages=tuple(stages), microbatches=b, schedule=schedule, step_seconds=step)
+
+
+def _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, budget, t_max) -> dict:
+    """f[s, l, d]: least sum of t over s stages covering layers l.. on d devices, each t <= t_max."""
+    table: dict[tuple[int, int, int], tuple[float, Any]] = {(0, num_layers, 0): (0.0, None)}
+    for s in range(1, num_stages + 1):
+        keep = min(s, b) if schedule != "gpipe" else b
+        for start in range(num_layers - 1, -1, -1):
+            for d_total in range(1, num_devices + 1):
+                best = None
+                for end in range(start + 1, num_layers - s + 2):
+                    for d in sizes:
+                        rest = table.get((s - 1, end, d_total - d))
+                        if d > d_total or rest is None:
+                            continue
+                        option = _best_option(options[(start, end, d)], t_max, keep, budget)
+                        if option is None:
+                            continue
+                        total = option.seconds + rest[0]
+                        if best is None or total < best[0] - 1e-15:
+                            best = (total, ((start, end, d, option), rest[1]))
+                if best is not None:
+                    table[(s, start, d_total)] = best
+    return table
+
+
+def _best_option(opts: Sequence[StageOption], t_max: float, keep: int, budget: float) -> StageOption | None:
+    fitting = [o for o in opts if o.seconds <= t_max and o.memory(keep) <= budget]
+    return min(fitting, key=lambda o: o.seconds, default=None)
+
+
+def _no_plan_message(num_layers, num_devices, microbatches, stages, budget) -> str:
+    return (f"no pipeline plan fits: {num_layers} layers on {num_devices} devices with {list(stages)} stages and "
+            f"B in {list(microbatches)} under a memory budget of {budget / 2**30:.3g} GiB per device; allow more "
+            "stages or microbatches, more devices, or a larger memory_budget")

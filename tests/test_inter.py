@@ -1,0 +1,106 @@
+"""The stage DP against brute force over every stage partition and submesh assignment."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from autoplan._src import cluster as C
+from autoplan._src import inter
+
+
+def _synthetic(seed, sizes, microbatches):
+    """A random but fixed cost table: 1-3 logical meshes per (layer range, devices, B)."""
+    rng = np.random.default_rng(seed)
+    table = {}
+    for i in range(6):
+        for j in range(i + 1, 7):
+            for d in sizes:
+                for b in microbatches:
+                    options = []
+                    for k in range(int(rng.integers(1, 4))):
+                        mesh = C.MeshShape(axis_names=(f"data{k}", "model"), axis_sizes=(d, 1))
+                        work = sum(rng.uniform(0.5, 2.0) for _ in range(i, j))
+                        options.append(inter.StageOption(
+                            mesh=mesh, seconds=float(work / d ** rng.uniform(0.5, 1.0) / b + rng.uniform(0, 0.1)),
+                            weight_bytes=float((j - i) * rng.uniform(1, 3) / d),
+                            activation_bytes=float((j - i) * rng.uniform(0.2, 1.0) / b)))
+                    table[(i, j, d, b)] = options
+    return lambda i, j, d, b: table[(i, j, d, b)]
+
+
+def _compositions(n, parts):
+    for cuts in itertools.combinations(range(1, n), parts - 1):
+        bounds = (0, *cuts, n)
+        yield list(zip(bounds[:-1], bounds[1:]))
+
+
+def _brute_force(num_layers, num_devices, cost, sizes, microbatches, schedule, budget, stages=None):
+    best = math.inf
+    for b in microbatches:
+        for s in stages or range(1, num_layers + 1):
+            for ranges in _compositions(num_layers, s):
+                for devs in itertools.product(sizes, repeat=s):
+                    if sum(devs) != num_devices:
+                        continue
+                    per_stage = []
+                    for k, ((i, j), d) in enumerate(zip(ranges, devs)):
+                        keep = b if schedule == "gpipe" else min(s - k, b)
+                        per_stage.append([o.seconds for o in cost(i, j, d, b) if o.memory(keep) <= budget])
+                    for ts in itertools.product(*per_stage):
+                        best = min(best, sum(ts) + (b - 1) * max(ts))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("budget", [math.inf, 4.0])
+def test_dp_equals_brute_force_synthetic(seed, schedule, budget):
+    sizes, microbatches = [1, 2, 4], [1, 2, 4]
+    cost = _synthetic(seed, sizes, microbatches)
+    expected = _brute_force(6, 4, cost, sizes, microbatches, schedule, budget)
+    if math.isinf(expected):
+        with pytest.raises(ValueError, match="no pipeline plan fits"):
+            inter.solve_stages(6, 4, cost, microbatches=microbatches, schedule=schedule, memory_budget=budget,
+                               sizes=sizes)
+        return
+    choice = inter.solve_stages(6, 4, cost, microbatches=microbatches, schedule=schedule, memory_budget=budget,
+                                sizes=sizes)
+    assert choice.step_seconds == pytest.approx(expected, rel=1e-12)
+    # The plan the DP returns is valid and its predicted step is the formula evaluated on it.
+    assert [s.start for s in choice.stages] == [0] + [s.end for s in choice.stages[:-1]]
+    assert choice.stages[-1].end == 6 and sum(s.devices for s in choice.stages) == 4
+    ts = []
+    for k, s in enumerate(choice.stages):
+        option = next(o for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh and o.seconds == s.seconds)
+        keep = choice.microbatches if schedule == "gpipe" else min(len(choice.stages) - k, choice.microbatches)
+        assert option.memory(keep) <= budget and s.memory_bytes == option.memory(keep)
+        ts.append(option.seconds)
+    assert choice.step_seconds == pytest.approx(sum(ts) + (choice.microbatches - 1) * max(ts), rel=1e-12)
+    # Runner-ups are sorted and no better than the choice.
+    assert all(a.step_seconds >= choice.step_seconds for a in choice.alternatives)
+
+
+def test_pinned_stage_count_and_uniform_submeshes():
+    sizes, microbatches = [1, 2, 4], [2]
+    cost = _synthetic(7, sizes, microbatches)
+    choice = inter.solve_stages(6, 4, cost, microbatches=microbatches, sizes=sizes, num_stages=[2], uniform=True)
+    assert len(choice.stages) == 2 and all(s.devices == 2 for s in choice.stages)
+    assert choice.step_seconds == pytest.approx(
+        _brute_force_uniform(6, 4, cost, 2, 2), rel=1e-12)
+
+
+def _brute_force_uniform(num_layers, num_devices, cost, stages, b):
+    best = math.inf
+    d = num_devices // stages
+    for ranges in _compositions(num_layers, stages):
+        for ts in itertools.product(*[[o.seconds for o in cost(i, j, d, b)] for i, j in ranges]):
+            best = min(best, sum(ts) + (b - 1) * max(ts))
+    return best
+
+
+def test_more_stages_than_layers():
+    cost = _synthetic(0, [1], [1])
+    with pytest.raises(ValueError, match="7 pipeline stages requested but the model has only 6 layers"):
+        inter.solve_stages(6, 7, cost, microbatches=[1], sizes=[1], num_stages=[7])
