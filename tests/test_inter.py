@@ -104,3 +104,38 @@ def test_more_stages_than_layers():
     cost = _synthetic(0, [1], [1])
     with pytest.raises(ValueError, match="7 pipeline stages requested but the model has only 6 layers"):
         inter.solve_stages(6, 7, cost, microbatches=[1], sizes=[1], num_stages=[7])
+
+
+def _tiny_gpt_costs(cluster="a100-8x"):
+    import jax
+
+    import autoplan
+    from autoplan._src import trace
+
+    spec = autoplan.models.get("gpt-tiny", layers=4, hidden=32, seq_len=8, vocab_size=64)
+    params, opt_state = spec.abstract_state()
+
+    def trace_at(b):
+        batch = {k: jax.ShapeDtypeStruct((v.shape[0] // b, *v.shape[1:]), v.dtype)
+                 for k, v in spec.abstract_batch().items()}
+        return trace.trace(spec.train_step, params, opt_state, batch)
+
+    return trace_at, C.get_cluster(cluster)
+
+
+def test_dp_equals_brute_force_on_ilp_costs():
+    trace_at, cluster = _tiny_gpt_costs()
+    cost = inter.GraphStageCosts(trace_at, cluster)
+    units = cost.units(2)
+    assert units[0] == ("wte", "wpe", "block0") and units[-1] == ("ln_f", "head") and len(units) == 5
+    sizes = [1, 2]
+    choice = inter.solve_stages(len(units), 2, cost, microbatches=[2], sizes=sizes, schedule="1f1b")
+    solves = cost.solves
+    assert choice.step_seconds == pytest.approx(
+        _brute_force(len(units), 2, cost, sizes, [2], "1f1b", math.inf), rel=1e-12)
+    # Identical layer ranges were solved once: blocks 1, 2 (and 1-2, 2-3) share their solves.
+    assert solves < sum(len(inter.logical_meshes(d)) for d in sizes) * len(units) * (len(units) + 1) // 2
+    # The prediction is the cost model's evaluation of the chosen plan, each stage solved afresh.
+    fresh = inter.GraphStageCosts(trace_at, cluster)
+    ts = [min(o.seconds for o in fresh(s.start, s.end, s.devices, 2) if o.mesh == s.mesh) for s in choice.stages]
+    assert choice.step_seconds == pytest.approx(inter.pipeline_seconds(ts, 2), rel=1e-9)

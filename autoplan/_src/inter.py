@@ -250,3 +250,175 @@ def _no_plan_message(num_layers, num_devices, microbatches, stages, budget) -> s
     return (f"no pipeline plan fits: {num_layers} layers on {num_devices} devices with {list(stages)} stages and "
             f"B in {list(microbatches)} under a memory budget of {budget / 2**30:.3g} GiB per device; allow more "
             "stages or microbatches, more devices, or a larger memory_budget")
+
+
+# ---------------------------------------------------------------------------
+# Layers of a traced step, and stage costs from the intra-operator ILP.
+
+HEAVY_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def layer_units(graph: G.Graph) -> list[tuple[str, ...]]:
+    """The step's pipeline layers: its Flax layers in order, those without a matmul or convolution
+    (embeddings, a final norm) merged into the next one (the last into the one before), so that
+    each layer has real work to balance.
+
+    >>> import jax, autoplan
+    >>> from autoplan._src.trace import trace
+    >>> spec = autoplan.models.get("gpt-tiny")
+    >>> layer_units(trace(spec.train_step, *spec.abstract_state(), spec.abstract_batch()))
+    [('wte', 'wpe', 'block0'), ('block1',), ('ln_f', 'head')]
+    """
+    heavy = {op.layer for op in graph.ops if op.primitive in HEAVY_PRIMITIVES and op.role == G.FORWARD}
+    units: list[list[str]] = []
+    pending: list[str] = []
+    for layer in graph.layers:
+        pending.append(layer)
+        if layer in heavy:
+            units.append(pending)
+            pending = []
+    if pending:
+        if units:
+            units[-1] += pending
+        else:
+            units.append(pending)
+    return [tuple(u) for u in units]
+
+
+def op_units(graph: G.Graph, units: Sequence[Sequence[str]]) -> list[int]:
+    """The pipeline layer of every op; ops outside any layer join their first consumer's layer."""
+    of_layer = {layer: k for k, unit in enumerate(units) for layer in unit}
+    result = [of_layer.get(op.layer, -1) for op in graph.ops]
+    for op in reversed(graph.ops):
+        if result[op.id] >= 0:
+            continue
+        consumers = [result[c] for t in op.outputs for c, _ in graph.consumers[t] if result[c] >= 0]
+        result[op.id] = min(consumers) if consumers else len(units) - 1
+    return result
+
+
+def sub_graph(graph: G.Graph, keep: set[int], layers: Sequence[str]) -> G.Graph:
+    """The ops ``keep`` as a graph of their own: operands from elsewhere become inputs, results used
+    elsewhere (activations to the next stage, gradients to the optimizer) become outputs."""
+    ops: list[G.Op] = []
+    tensors: list[G.Tensor] = []
+    new_id: dict[int, int] = {}
+    input_ops, output_ops, input_paths, output_paths = [], [], [], []
+
+    def add(op: G.Op, inputs: tuple[int, ...], **changes) -> G.Op:
+        outputs = []
+        for k, t in enumerate(op.outputs):
+            source = graph.tensors[t]
+            tensors.append(G.Tensor(id=len(tensors), shape=source.shape, dtype=source.dtype, producer=len(ops),
+                                    output_index=k))
+            new_id[t] = len(tensors) - 1
+            outputs.append(len(tensors) - 1)
+        made = dataclasses.replace(op, id=len(ops), inputs=inputs, outputs=tuple(outputs), **changes)
+        ops.append(made)
+        return made
+
+    for op in graph.ops:
+        if op.id not in keep:
+            continue
+        for t in op.inputs:
+            if t == G.LITERAL or t in new_id:
+                continue
+            tensor = graph.tensors[t]
+            producer = graph.ops[tensor.producer]
+            path = producer.path if producer.role == G.INPUT else f"boundary/t{t}"
+            stub = G.Op(id=0, primitive="input", inputs=(), outputs=(t,), input_shapes=(), input_dtypes=(),
+                        output_shapes=(tensor.shape,), output_dtypes=(tensor.dtype,), role=G.INPUT,
+                        layer=producer.layer, path=path,
+                        signature=("input", (), (), (), (tensor.shape,), (tensor.dtype,)))
+            input_ops.append(add(stub, ()).id)
+            input_paths.append(path)
+        add(op, tuple(t if t == G.LITERAL else new_id[t] for t in op.inputs))
+    for t_old, t_new in list(new_id.items()):
+        tensor = graph.tensors[t_old]
+        if tensor.producer not in keep:
+            continue
+        if all(c in keep for c, _ in graph.consumers[t_old]) and graph.consumers[t_old]:
+            continue
+        out = G.Op(id=len(ops), primitive="output", inputs=(t_new,), outputs=(), input_shapes=(tensor.shape,),
+                   input_dtypes=(tensor.dtype,), output_shapes=(), output_dtypes=(), role=G.OUTPUT,
+                   layer=graph.ops[tensor.producer].layer, path=f"boundary/t{t_old}",
+                   signature=("output", (), (tensor.shape,), (tensor.dtype,), (), ()))
+        ops.append(out)
+        output_ops.append(out.id)
+        output_paths.append(out.path)
+    return G.Graph(ops=ops, tensors=tensors, input_ops=input_ops, output_ops=output_ops, input_tree=None,
+                   output_tree=None, input_paths=input_paths, output_paths=output_paths, aliases={},
+                   layers=[layer for layer in graph.layers if layer in set(layers)])
+
+
+def logical_meshes(devices: int) -> list[C.MeshShape]:
+    """Every (data, model) factorization of a submesh's devices.
+
+    >>> [m.axis_sizes for m in logical_meshes(4)]
+    [(4, 1), (2, 2), (1, 4)]
+    """
+    return [C.MeshShape(axis_names=("data", "model"), axis_sizes=(devices // m, m))
+            for m in range(1, devices + 1) if devices % m == 0]
+
+
+class GraphStageCosts:
+    """A `StageCost` from traced graphs: the intra-operator ILP of a layer range's forward and backward
+    ops, traced at the microbatch size, on every logical mesh of the submesh.
+
+    ``trace_at(microbatches)`` returns the step's `Graph` with the batch cut into
+    that many microbatches (the graph of one microbatch).  Layer ranges whose ops
+    are structurally identical (same primitives, shapes and parameters in the
+    same order, e.g. blocks 1-2 and blocks 2-3 of a transformer) are solved once.
+    ``seconds`` leaves out the optimizer update, which runs once per step;
+    ``weight_bytes`` counts the stage's parameters, gradients and optimizer state
+    (every step input of its layers but the batch), split as the ILP splits the
+    parameters.
+    """
+
+    def __init__(self, trace_at: Callable[[int], G.Graph], cluster: C.Cluster, *, time_limit: float = 30.0,
+                 batch_prefix: str = "batch"):
+        self.trace_at, self.cluster, self.time_limit = trace_at, cluster, time_limit
+        self.batch_prefix = batch_prefix
+        self._graphs: dict[int, tuple[G.Graph, list[tuple[str, ...]], list[int]]] = {}
+        self._cache: dict[tuple, tuple[StageOption, ...]] = {}
+        self.solves = 0
+
+    def units(self, microbatches: int = 1) -> list[tuple[str, ...]]:
+        return self._graph(microbatches)[1]
+
+    def _graph(self, b: int):
+        if b not in self._graphs:
+            graph = self.trace_at(b)
+            units = layer_units(graph)
+            self._graphs[b] = (graph, units, op_units(graph, units))
+        return self._graphs[b]
+
+    def __call__(self, start: int, end: int, devices: int, microbatches: int) -> tuple[StageOption, ...]:
+        from autoplan._src import api
+
+        graph, units, unit_of = self._graph(microbatches)
+        keep = {op.id for op in graph.ops if start <= unit_of[op.id] < end and op.role in (G.FORWARD, G.BACKWARD)}
+        key = (tuple(graph.ops[i].signature for i in sorted(keep)), devices, microbatches)
+        if key in self._cache:
+            return self._cache[key]
+        layers = [layer for unit in units[start:end] for layer in unit]
+        sub = sub_graph(graph, keep, layers)
+        state = sum(graph.ops[i].output_shapes and G.Tensor(id=0, shape=graph.ops[i].output_shapes[0],
+                                                               dtype=graph.ops[i].output_dtypes[0], producer=0).nbytes
+                    for i in graph.input_ops
+                    if start <= unit_of[i] < end and not graph.ops[i].path.startswith(self.batch_prefix))
+        options = []
+        for mesh in logical_meshes(devices):
+            plan = api.plan_graph(sub, mesh, self.cluster, memory_budget=None, time_limit=self.time_limit,
+                                  name=f"layers {start}:{end}")
+            self.solves += 1
+            params = [leaf for leaf in plan.inputs if not leaf.path.startswith("boundary/")]
+            param_bytes = sum(leaf.nbytes for leaf in params)
+            fraction = sum(leaf.device_bytes(mesh) for leaf in params) / param_bytes if param_bytes else 1.0
+            boundary = sum(leaf.device_bytes(mesh) for leaf in plan.inputs if leaf.path.startswith("boundary/"))
+            options.append(StageOption(mesh=mesh, seconds=plan.cost.step_seconds,
+                                       weight_bytes=(state + param_bytes) * fraction,
+                                       activation_bytes=max(plan.cost.memory_bytes - param_bytes * fraction, 0.0)
+                                       + boundary, detail=plan))
+        self._cache[key] = tuple(options)
+        return self._cache[key]
