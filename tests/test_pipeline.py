@@ -64,3 +64,94 @@ def test_bad_schedule_arguments():
         pl.schedule("zb", stages=2, microbatches=2)
     with pytest.raises(ValueError, match="not a multiple of 4 stages"):
         pl.schedule("interleaved", stages=4, microbatches=6)
+
+
+# -- gradient accumulation ----------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import autoplan  # noqa: E402
+
+
+def _gpt(**overrides):
+    spec = autoplan.models.get("gpt-tiny", **overrides)
+    return dataclasses.replace(spec, optimizer=optax.adamw(1e-2, eps=1e-3, weight_decay=0.01))
+
+
+def _run(step, params, opt_state, batches):
+    losses = []
+    for batch in batches:
+        params, opt_state, loss = step(params, opt_state, batch)
+        losses.append(loss)
+    return params, opt_state, losses
+
+
+def _assert_same(a, b, rtol, atol):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def test_accumulation_equals_full_batch_gpt_tiny():
+    spec = _gpt()
+    params, opt_state = spec.init(jax.random.key(0))
+    batches = [spec.make_batch(jax.random.key(i)) for i in range(3)]
+    ref = _run(jax.jit(spec.train_step), params, opt_state, batches)
+    acc = _run(jax.jit(pl.accumulate(spec.train_step, microbatches=4)), params, opt_state, batches)
+    np.testing.assert_allclose(np.asarray(acc[2]), np.asarray(ref[2]), rtol=2e-6)
+    _assert_same(acc[0], ref[0], rtol=1e-5, atol=1e-6)
+    _assert_same(acc[1], ref[1], rtol=1e-5, atol=1e-6)
+    # Not vacuous: the parameters moved, and one microbatch alone gives a different loss.
+    assert not np.allclose(ref[0]["head"]["kernel"], params["head"]["kernel"])
+    first = jax.tree_util.tree_map(lambda x: x[:2], batches[0])
+    assert abs(float(spec.loss(params, first)) - float(ref[2][0])) > 1e-4
+
+
+def test_accumulation_splits_one_scan_over_microbatches():
+    spec = _gpt()
+    params, opt_state = spec.init(jax.random.key(0))
+    batch = spec.make_batch(jax.random.key(1))
+    text = jax.jit(pl.accumulate(spec.train_step, microbatches=4)).lower(params, opt_state, batch).as_text()
+    assert "while" in text or "scan" in text
+    split = pl.accumulate(spec.train_step, microbatches=4).split(params, opt_state, batch)
+    # One cut value per parameter gradient plus the loss.
+    assert len(split.cut) == len(jax.tree_util.tree_leaves(params)) + 1
+
+
+def test_batch_norm_is_refused_with_op_and_line():
+    def step(w, batch):
+        def loss(w):
+            h = batch["x"] @ w
+            h = (h - h.mean(axis=0)) / (h.std(axis=0) + 1e-5)  # batch norm: statistics over examples
+            return (h ** 2).mean()
+        value, g = jax.value_and_grad(loss)(w)
+        return w - 0.1 * g, value
+
+    w, batch = jnp.ones((4, 4)), {"x": jnp.ones((8, 4))}
+    with pytest.raises(pl.MicrobatchError, match=r"sub at .*test_pipeline.py:\d+.*batch norm"):
+        pl.accumulate(step, microbatches=2)(w, batch)
+
+
+def test_layer_norm_and_mean_loss_are_accepted():
+    def step(w, batch):
+        def loss(w):
+            h = batch["x"] @ w
+            h = (h - h.mean(axis=-1, keepdims=True))  # per example: fine
+            return (h ** 2).mean()
+        value, g = jax.value_and_grad(loss)(w)
+        return w - 0.1 * g, value
+
+    w, batch = jnp.arange(16.0).reshape(4, 4) / 16, {"x": jnp.arange(32.0).reshape(8, 4) / 8}
+    _assert_same(pl.accumulate(step, microbatches=2)(w, batch), step(w, batch), rtol=1e-6, atol=1e-7)
+
+
+def test_batch_not_divisible_into_microbatches():
+    spec = _gpt()
+    params, opt_state = spec.abstract_state()
+    with pytest.raises(pl.MicrobatchError, match=r"'batch/tokens' has 8 examples, which do not split into 3 .*"
+                                                 r"\[1, 2, 4, 8\]"):
+        pl.accumulate(spec.train_step, microbatches=3).split(params, opt_state, spec.abstract_batch())

@@ -29,7 +29,15 @@ Bubble fraction = idle slots / all slots = 1 - busy / (S * ticks); with
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from autoplan._src import compat
+from autoplan._src import graph as G
 
 FORWARD = "F"
 BACKWARD = "B"
@@ -207,3 +215,323 @@ def _simulate(orders: list[list[tuple[str, int, int]]], stages: int, virtual: in
         if not progressed:
             raise ValueError("the schedule's per-stage orders deadlock (a task waits on one that never runs)")
     return tasks
+
+
+# ---------------------------------------------------------------------------
+# Gradient accumulation: the step split at its gradients, run over microbatches.
+
+
+class MicrobatchError(ValueError):
+    """A step cannot be run over microbatches (batch not divisible, examples mixed across the batch)."""
+
+
+def flat_items(closed) -> list[tuple[str, Any]]:
+    """The step's jaxpr as the flat list `trace` builds its Graph from: item i is Graph op i.
+
+    Items are ("constant", value), ("input", None), ("equation", eqn) and
+    ("output", None), inlined exactly as `autoplan._src.trace` inlines.
+    """
+    items: list[tuple[str, Any]] = [("constant", value) for value in closed.consts]
+    items += [("input", None)] * len(closed.jaxpr.invars)
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            body = compat.inline_body(eqn)
+            if body is None:
+                items.append(("equation", eqn))
+                continue
+            sub_jaxpr, consts = body
+            items.extend(("constant", value) for value in consts)
+            items.extend(("constant", compat.literal_value(atom)) for atom in eqn.invars if compat.is_literal(atom))
+            walk(sub_jaxpr)
+            items.extend(("constant", compat.literal_value(atom))
+                         for atom in sub_jaxpr.outvars if compat.is_literal(atom))
+
+    walk(closed.jaxpr)
+    for atom in closed.jaxpr.outvars:
+        if compat.is_literal(atom):
+            items.append(("constant", compat.literal_value(atom)))
+        items.append(("output", None))
+    return items
+
+
+def evaluate_ops(graph: G.Graph, items: Sequence[tuple[str, Any]], ops: Sequence[int], env: dict) -> dict:
+    """Run Graph ops ``ops`` (in order) on ``env`` (tensor id -> value); constants are filled in."""
+    for i in ops:
+        op = graph.ops[i]
+        kind, payload = items[i]
+        if kind == "constant":
+            env[op.outputs[0]] = payload
+        elif kind == "equation":
+            invals = [compat.literal_value(atom) if t == G.LITERAL else env[t]
+                      for t, atom in zip(op.inputs, payload.invars)]
+            env.update(zip(op.outputs, compat.bind_equation(payload, invals)))
+    return env
+
+
+def ancestors(graph: G.Graph, tensors: Sequence[int], known: set[int] = frozenset()) -> list[int]:
+    """The ops (in order) needed to compute ``tensors`` when the tensors in ``known`` are given."""
+    needed: set[int] = set()
+    stack = [t for t in tensors if t not in known]
+    seen = set(stack)
+    while stack:
+        producer = graph.ops[graph.tensors[stack.pop()].producer]
+        if producer.id in needed:
+            continue
+        needed.add(producer.id)
+        for t in producer.inputs:
+            if t != G.LITERAL and t not in known and t not in seen:
+                seen.add(t)
+                stack.append(t)
+    return sorted(needed)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GradientSplit:
+    """A step cut at its gradients: what runs per microbatch and what runs once.
+
+    ``cut`` are the tensors the per-microbatch part hands to the update: the
+    gradients and the loss (forward/backward results of the batch that the
+    optimizer or the step's outputs read).
+    """
+
+    graph: G.Graph
+    items: tuple
+    batch_inputs: tuple[int, ...]  # input leaf indices that are the batch
+    cut: tuple[int, ...]
+    gradient_ops: tuple[int, ...]
+    update_ops: tuple[int, ...]
+
+
+def split_at_gradients(graph: G.Graph, batch_inputs: Sequence[int]) -> GradientSplit:
+    """Slice ``graph`` into the per-microbatch gradient part and the once-per-step update part."""
+    equation = (G.FORWARD, G.BACKWARD, G.OPTIMIZER)
+    depends = [False] * len(graph.tensors)
+    for leaf in batch_inputs:
+        depends[graph.ops[graph.input_ops[leaf]].outputs[0]] = True
+    op_depends = [False] * len(graph.ops)
+    for op in graph.ops:
+        if op.role in equation and any(t != G.LITERAL and depends[t] for t in op.inputs):
+            op_depends[op.id] = True
+            for t in op.outputs:
+                depends[t] = True
+    in_gradient = [op_depends[op.id] and op.role in (G.FORWARD, G.BACKWARD) for op in graph.ops]
+    cut = sorted({t for op in graph.ops if not in_gradient[op.id] for t in op.inputs
+                  if t != G.LITERAL and in_gradient[graph.tensors[t].producer]})
+    outputs = [graph.ops[o].inputs[0] for o in graph.output_ops]
+    update = ancestors(graph, outputs, known=set(cut))
+    for i in update:
+        op = graph.ops[i]
+        if op.role == G.INPUT and graph.input_ops.index(i) in batch_inputs:
+            reader = next(graph.ops[c] for c, _ in graph.consumers[op.outputs[0]] if not in_gradient[c])
+            raise MicrobatchError(
+                f"the step reads the batch leaf {op.path!r} outside its forward and backward pass ({reader.label} "
+                f"at {reader.source}), so it cannot be split at the gradients into microbatches; compute "
+                "everything that reads the batch inside the differentiated loss function")
+    for t in cut:
+        dtype = graph.tensors[t].dtype
+        if not any(dtype.startswith(k) for k in ("float", "bfloat", "complex")):
+            producer = graph.ops[graph.tensors[t].producer]
+            raise MicrobatchError(
+                f"{producer.label} at {producer.source} hands a {dtype} value to the optimizer; only float "
+                "gradients and losses can be averaged over microbatches")
+    _check_examples_independent(graph, batch_inputs, in_gradient)
+    return GradientSplit(graph=graph, items=tuple(flat_items(graph.closed_jaxpr)), batch_inputs=tuple(batch_inputs),
+                         cut=tuple(cut), gradient_ops=tuple(ancestors(graph, cut)), update_ops=tuple(update))
+
+
+_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
+                         "argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp",
+                         "reduce_precision_sum"})
+
+
+def _check_examples_independent(graph: G.Graph, batch_inputs: Sequence[int], in_gradient: Sequence[bool]) -> None:
+    """Refuse a forward pass that mixes examples: a reduction over the batch axis whose result meets
+    a tensor that still has the batch axis (batch norm's ``x - mean(x, axis=0)``).  A reduction that
+    only ends in the loss (a mean over examples) is fine: averaging it over microbatches is exact.
+
+    The batch axis is followed through elementwise ops, broadcasts, reshapes, transposes,
+    reductions and dot_general; where a rule is missing it is the one dimension whose size is the
+    batch size, if there is exactly one.
+    """
+    axis: dict[int, int] = {}
+    mixed: set[int] = set()
+    batch_sizes = set()
+    for leaf in batch_inputs:
+        t = graph.ops[graph.input_ops[leaf]].outputs[0]
+        if graph.tensors[t].shape:
+            axis[t] = 0
+            batch_sizes.add(graph.tensors[t].shape[0])
+    for op in graph.ops:
+        if not in_gradient[op.id] or op.role != G.FORWARD:
+            continue
+        ins = [(k, t) for k, t in enumerate(op.inputs) if t != G.LITERAL]
+        carried = [(k, axis[t]) for k, t in ins if t in axis]
+        is_mixed = any(t in mixed for _, t in ins)
+        reduced, out_axes = _batch_axis_rule(op, carried, batch_sizes)
+        if is_mixed and (carried or any(a is not None for a in out_axes)):
+            raise MicrobatchError(
+                f"{op.label} at {op.source} combines a value reduced over the batch (a statistic of several "
+                "examples, as batch norm computes) with per-example values, so the step's result depends on how "
+                "the batch is split: microbatching (gradient accumulation, pipelining) would change the "
+                "numerics. Use a per-example normalization (LayerNorm, GroupNorm) or run without microbatches")
+        for k, t in enumerate(op.outputs):
+            if reduced or is_mixed:
+                mixed.add(t)
+            elif out_axes[k] is not None:
+                axis[t] = out_axes[k]
+
+
+def _batch_axis_rule(op: G.Op, carried: list[tuple[int, int]], batch_sizes: set[int]):
+    """(reduces over the batch axis?, batch axis of each output or None)."""
+    none = [None] * len(op.outputs)
+    if not carried:
+        return False, none
+    k, a = carried[0]
+    in_shape = op.input_shapes[k]
+    name, params = op.primitive, op.params
+    if name in _REDUCTIONS and "axes" in params:
+        axes = tuple(params["axes"])
+        if a in axes:
+            return True, none
+        return False, [a - sum(1 for x in axes if x < a)] * len(op.outputs)
+    if name in _REDUCTIONS and "axis" in params:
+        return (params["axis"] == a), ([a] * len(op.outputs) if params["axis"] != a else none)
+    if name == "broadcast_in_dim":
+        return False, [params["broadcast_dimensions"][a]]
+    if name == "transpose":
+        return False, [list(params["permutation"]).index(a)]
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = params["dimension_numbers"]
+        contract, batch = (lc, lb) if k == 0 else (rc, rb)
+        if a in contract:
+            return True, none
+        if a in batch:
+            return False, [list(batch).index(a)]
+        rank_other = len(op.input_shapes[1 - k])
+        free = [d for d in range(len(in_shape)) if d not in contract and d not in batch]
+        other_free = rank_other - len(lc) - len(lb)
+        return False, [len(lb) + (0 if k == 0 else other_free) + free.index(a)]
+    if name == "squeeze":
+        dims = tuple(params["dimensions"])
+        return (a in dims), [None if a in dims else a - sum(1 for d in dims if d < a)]
+    if name == "gather" and k == 1:
+        offset = tuple(params["dimension_numbers"].offset_dims)
+        batch_out = [d for d in range(len(op.output_shapes[0])) if d not in offset]
+        return False, [batch_out[a] if a < len(batch_out) and a < len(in_shape) - 1 else None]
+    if name == "reshape":
+        before = math.prod(in_shape[:a])
+        out = op.output_shapes[0]
+        for d in range(len(out)):
+            if math.prod(out[:d]) == before and out[d] == in_shape[a]:
+                return False, [d]
+        return False, none
+    out_axes = []
+    for shape in op.output_shapes:
+        if shape == in_shape or (len(shape) == len(in_shape) and shape[a] == in_shape[a]):
+            out_axes.append(a)
+        else:
+            hits = [d for d, n in enumerate(shape) if n in batch_sizes]
+            out_axes.append(hits[0] if len(hits) == 1 else None)
+    return False, out_axes
+
+
+def _batch_leaves(graph: G.Graph, name: str) -> list[int]:
+    return [i for i, path in enumerate(graph.input_paths) if path == name or path.startswith(name + "/")]
+
+
+def microbatch_shapes(args: Sequence[Any], batch_argnum: int, microbatches: int, names: Sequence[str]):
+    """``args`` with every batch leaf's leading axis cut by ``microbatches``, as ShapeDtypeStructs."""
+    if microbatches < 1:
+        raise MicrobatchError(f"microbatches must be >= 1, got {microbatches}")
+
+    def cut(keypath, leaf):
+        from autoplan._src.trace import _path_string
+
+        path = _path_string(names[batch_argnum], keypath)
+        if not getattr(leaf, "shape", ()):
+            raise MicrobatchError(f"batch leaf {path!r} is a scalar: every batch leaf needs a leading batch axis")
+        if leaf.shape[0] % microbatches:
+            divisors = [d for d in range(1, leaf.shape[0] + 1) if leaf.shape[0] % d == 0]
+            raise MicrobatchError(
+                f"batch leaf {path!r} has {leaf.shape[0]} examples, which do not split into {microbatches} equal "
+                f"microbatches; pass microbatches= one of {divisors} or a batch that {microbatches} divides")
+        return jax.ShapeDtypeStruct((leaf.shape[0] // microbatches, *leaf.shape[1:]), leaf.dtype)
+
+    shapes = [jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a) for a in args]
+    shapes[batch_argnum] = jax.tree_util.tree_map_with_path(cut, args[batch_argnum])
+    return shapes
+
+
+class Accumulated:
+    """``step`` run over microbatches: gradients and loss averaged, the optimizer applied once.
+
+    Built by `accumulate`; call it like the step (inside or outside ``jax.jit``).
+    The split is traced once per argument signature.
+    """
+
+    def __init__(self, step: Callable, microbatches: int, batch_argnum: int):
+        self.step, self.microbatches, self.batch_argnum = step, microbatches, batch_argnum
+        self._splits: dict[Any, GradientSplit] = {}
+
+    def split(self, *args) -> GradientSplit:
+        from autoplan._src import trace as T
+
+        batch_argnum = self.batch_argnum % len(args)
+        key = jax.tree_util.tree_structure(args), tuple((tuple(x.shape), str(x.dtype))
+                                                         for x in jax.tree_util.tree_leaves(args))
+        if key not in self._splits:
+            names = T._argument_names(self.step, len(args))
+            micro = microbatch_shapes(args, batch_argnum, self.microbatches, names)
+            full = T.trace(self.step, *[jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a)
+                                        for a in args])
+            batch = _batch_leaves(full, names[batch_argnum])
+            split_at_gradients(full, batch)  # examples must not mix at the real batch size
+            graph = T.trace(self.step, *micro)
+            self._splits[key] = split_at_gradients(graph, _batch_leaves(graph, names[batch_argnum]))
+        return self._splits[key]
+
+    def __call__(self, *args):
+        split = self.split(*args)
+        graph, b = split.graph, self.microbatches
+        leaves = jax.tree_util.tree_leaves(args)
+        batch = set(split.batch_inputs)
+        fixed = {graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in enumerate(leaves) if i not in batch}
+        stacked = [jnp.reshape(leaves[i], (b, leaves[i].shape[0] // b, *leaves[i].shape[1:]))
+                   for i in split.batch_inputs]
+
+        def one(total, micro):
+            env = dict(fixed)
+            env.update({graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in zip(split.batch_inputs, micro)})
+            env = evaluate_ops(graph, split.items, split.gradient_ops, env)
+            return [acc + env[t].astype(acc.dtype) for acc, t in zip(total, split.cut)], None
+
+        zeros = [jnp.zeros(graph.tensors[t].shape, graph.tensors[t].dtype) for t in split.cut]
+        total, _ = jax.lax.scan(one, zeros, stacked)
+        env = dict(fixed)
+        env.update({t: acc / b for t, acc in zip(split.cut, total)})
+        env = evaluate_ops(graph, split.items, split.update_ops, env)
+        outs = [env[graph.ops[o].inputs[0]] for o in graph.output_ops]
+        return jax.tree_util.tree_unflatten(graph.output_tree, outs)
+
+
+def accumulate(step: Callable, *, microbatches: int, batch_argnum: int = -1) -> Accumulated:
+    """Run ``step`` over ``microbatches`` microbatches of its batch argument, updating once.
+
+    The traced step is cut at its gradients: the forward and backward ops that
+    read the batch run once per microbatch (a ``lax.scan``), the values they
+    hand to the optimizer (gradients, the loss) are averaged, and the optimizer
+    runs once.  This equals the full-batch step when the loss is a mean over
+    examples and the forward pass treats examples independently; a step whose
+    forward mixes examples (batch norm) is refused with `MicrobatchError`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> def step(w, batch):
+    ...     loss, g = jax.value_and_grad(lambda w: ((batch["x"] @ w) ** 2).mean())(w)
+    ...     return w - 0.1 * g, loss
+    >>> w, batch = jnp.ones((4, 2)), {"x": jnp.arange(32.0).reshape(8, 4) / 32}
+    >>> full, acc = step(w, batch), jax.jit(accumulate(step, microbatches=4))(w, batch)
+    >>> bool(jnp.allclose(full[0], acc[0])), bool(jnp.allclose(full[1], acc[1]))
+    (True, True)
+    """
+    return Accumulated(step, microbatches, batch_argnum)
