@@ -29,12 +29,14 @@ Bubble fraction = idle slots / all slots = 1 - busy / (S * ticks); with
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from autoplan._src import compat
 from autoplan._src import graph as G
@@ -535,3 +537,281 @@ def accumulate(step: Callable, *, microbatches: int, batch_argnum: int = -1) -> 
     (True, True)
     """
     return Accumulated(step, microbatches, batch_argnum)
+
+
+# ---------------------------------------------------------------------------
+# The SPMD pipeline runtime: one jit program, shard_map manual over "stage".
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Layer:
+    """One layer of a model written as a sequence: ``apply(params, x, batch)``.
+
+    ``keys`` are the top-level entries of the parameter dict the layer owns.
+    The first layer ignores ``x`` and reads the batch (embeddings); the last
+    returns the scalar loss of its microbatch (a mean over its examples).
+    Every layer in between maps an activation to one of the same shape.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+    apply: Callable[[Any, Any, Any], Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Packing:
+    """Where each virtual stage's parameters sit in its flat, padded buffer."""
+
+    keys: tuple[tuple[str, ...], ...]  # per virtual stage
+    treedefs: tuple[Any, ...]
+    shapes: tuple[tuple[tuple[int, ...], ...], ...]
+    length: int
+    dtype: Any
+
+
+class Pipeline:
+    """A model's layers cut into pipeline stages, run as one SPMD program on a ``stage`` mesh axis.
+
+    ``bounds`` gives the layer ranges of the ``S * v`` virtual stages in order
+    (``v`` chunks per device for interleaved 1F1B; virtual stage ``c * S + s``
+    runs on device row ``s``).  Parameters live packed: one flat buffer per
+    virtual stage, padded to a common length and stacked ``[S, v, length]``
+    with the first axis sharded over ``stage``, so no device holds another
+    stage's weights.  Inside ``jax.shard_map`` (manual over ``stage`` only, so
+    other mesh axes stay automatic) a loop over the schedule's ticks runs each
+    device's task with ``lax.switch``: a forward sends its activation to the
+    next stage, a backward recomputes the stage's forward from its saved input
+    (activation checkpointing at stage boundaries), takes the VJP, accumulates
+    the parameter gradient and sends the input cotangent back, all with
+    ``lax.ppermute``.  The loss is the mean of the microbatch losses.
+    """
+
+    def __init__(self, layers: Sequence[Layer], bounds: Sequence[tuple[int, int]], schedule: Schedule):
+        stages, v = schedule.num_stages, schedule.virtual
+        if len(bounds) != stages * v:
+            raise ValueError(f"{len(bounds)} layer ranges for {stages} stages x {v} chunks; give one per virtual stage")
+        if [b[0] for b in bounds] != [0] + [b[1] for b in bounds[:-1]] or bounds[-1][1] != len(layers) \
+                or any(b[1] <= b[0] for b in bounds):
+            raise ValueError(f"layer ranges {list(bounds)} must cover layers 0..{len(layers)} in order, none empty")
+        self.layers, self.bounds, self.schedule = tuple(layers), tuple(bounds), schedule
+        self._packing: _Packing | None = None
+
+    @classmethod
+    def even(cls, layers: Sequence[Layer], schedule: Schedule) -> Pipeline:
+        """Equal layer counts per virtual stage (the first ones get the remainder)."""
+        parts = schedule.num_stages * schedule.virtual
+        if parts > len(layers):
+            raise ValueError(f"{parts} pipeline stages (x chunks) but the model has only {len(layers)} layers; "
+                             f"use at most {len(layers)} stages")
+        size, extra = divmod(len(layers), parts)
+        ends = list(itertools.accumulate(size + (k < extra) for k in range(parts)))
+        return cls(layers, list(zip([0] + ends[:-1], ends)), schedule)
+
+    # -- parameters, packed per stage ---------------------------------------------------------
+    def _stage_params(self, params, vs: int) -> dict:
+        start, end = self.bounds[vs]
+        return {k: params[k] for layer in self.layers[start:end] for k in layer.keys}
+
+    def packing(self, params) -> _Packing:
+        if self._packing is None:
+            trees = [self._stage_params(params, vs) for vs in range(len(self.bounds))]
+            leaves = [jax.tree_util.tree_leaves(t) for t in trees]
+            dtypes = {jnp.dtype(x.dtype) for ls in leaves for x in ls}
+            if len(dtypes) != 1:
+                raise ValueError(f"pipeline parameters must share one dtype to be packed per stage, got {dtypes}")
+            self._packing = _Packing(
+                keys=tuple(tuple(t) for t in trees), treedefs=tuple(jax.tree_util.tree_structure(t) for t in trees),
+                shapes=tuple(tuple(tuple(x.shape) for x in ls) for ls in leaves),
+                length=max(sum(math.prod(x.shape) for x in ls) for ls in leaves), dtype=dtypes.pop())
+        return self._packing
+
+    def pack(self, params) -> jax.Array:
+        """``params`` (the model's dict) as ``[S, v, length]``: row s, chunk c = virtual stage c * S + s."""
+        packing = self.packing(params)
+        stages, v = self.schedule.num_stages, self.schedule.virtual
+        rows = []
+        for vs in range(stages * v):
+            flat = [jnp.ravel(x) for x in jax.tree_util.tree_leaves(self._stage_params(params, vs))]
+            flat = jnp.concatenate(flat) if flat else jnp.zeros((0,), packing.dtype)
+            rows.append(jnp.pad(flat, (0, packing.length - flat.shape[0])))
+        return jnp.stack(rows).reshape(v, stages, packing.length).transpose(1, 0, 2)
+
+    def unpack(self, packed: jax.Array) -> dict:
+        """The model's parameter dict from a packed ``[S, v, length]`` buffer."""
+        stages = self.schedule.num_stages
+        params = {}
+        for vs in range(len(self.bounds)):
+            params.update(self._unflatten(packed[vs % stages, vs // stages], vs))
+        return params
+
+    def _unflatten(self, flat: jax.Array, vs: int):
+        packing = self._packing
+        leaves, offset = [], 0
+        for shape in packing.shapes[vs]:
+            size = math.prod(shape)
+            leaves.append(jax.lax.slice_in_dim(flat, offset, offset + size).reshape(shape))
+            offset += size
+        return jax.tree_util.tree_unflatten(packing.treedefs[vs], leaves)
+
+    # -- the program -------------------------------------------------------------------------------
+    def _run(self, vs: int, flat, x, batch):
+        params = self._unflatten(flat, vs)
+        start, end = self.bounds[vs]
+        for layer in self.layers[start:end]:
+            x = layer.apply({k: params[k] for k in layer.keys}, x, batch)
+        return x
+
+    def activation_shape(self, params, batch) -> jax.ShapeDtypeStruct:
+        """The activation between layers for one microbatch; every boundary must have this shape."""
+        micro = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((x.shape[0] // self.schedule.num_microbatches, *x.shape[1:]), x.dtype),
+            batch)
+        x = None
+        shapes = []
+        for layer in self.layers[:-1]:
+            x = jax.eval_shape(layer.apply, {k: params[k] for k in layer.keys}, x, micro)
+            shapes.append((layer.name, x))
+        first = shapes[0][1]
+        for name, shape in shapes:
+            if (shape.shape, shape.dtype) != (first.shape, first.dtype):
+                raise ValueError(f"layer {name!r} returns {shape.shape} {shape.dtype} but the first layer returns "
+                                 f"{first.shape} {first.dtype}: stage boundaries must carry one activation shape")
+        return first
+
+    def gradients(self, mesh: jax.sharding.Mesh, params_for_shapes, batch_for_shapes) -> Callable:
+        """``(packed, batch) -> (packed gradients, mean loss)`` as one shard_map over the ``stage`` axis."""
+        sched = self.schedule
+        stages, v, b = sched.num_stages, sched.virtual, sched.num_microbatches
+        n_virtual = stages * v
+        if mesh.shape.get("stage") != stages:
+            raise ValueError(f"the pipeline needs a 'stage' mesh axis of size {stages}; mesh has {dict(mesh.shape)}")
+        for leaf in jax.tree_util.tree_leaves(batch_for_shapes):
+            if leaf.shape[0] % b:
+                raise MicrobatchError(f"a batch of {leaf.shape[0]} examples does not split into {b} microbatches; "
+                                      f"pass a number of microbatches that divides {leaf.shape[0]}")
+        packing = self.packing(params_for_shapes)
+        act = self.activation_shape(params_for_shapes, batch_for_shapes)
+        kinds = np.zeros((sched.num_ticks, stages), np.int32)
+        virtual = np.zeros((sched.num_ticks, stages), np.int32)
+        micro = np.zeros((sched.num_ticks, stages), np.int32)
+        for task in sched.tasks:
+            kinds[task.tick, task.stage] = 1 if task.kind == FORWARD else 2
+            virtual[task.tick, task.stage] = task.chunk * stages + task.stage
+            micro[task.tick, task.stage] = task.microbatch
+        zeros_act = jnp.zeros(act.shape, act.dtype)
+        zeros_grad = jnp.zeros((packing.length,), packing.dtype)
+
+        def idle(flat, x, cot, batch):
+            return zeros_act, jnp.zeros((), jnp.float32), zeros_grad, zeros_act
+
+        def forward(vs):
+            def run(flat, x, cot, batch):
+                out = self._run(vs, flat, x, batch)
+                if vs == n_virtual - 1:
+                    return zeros_act, out.astype(jnp.float32), zeros_grad, zeros_act
+                return out, jnp.zeros((), jnp.float32), zeros_grad, zeros_act
+            return run
+
+        def backward(vs):
+            def run(flat, x, cot, batch):
+                out, vjp = jax.vjp(lambda p, x: self._run(vs, p, x, batch), flat, x)
+                seed = cot
+                if vs == n_virtual - 1:  # d(mean of B losses)/d(loss of one); varying over "stage" like out
+                    seed = jax.lax.pcast(jnp.full(out.shape, 1.0 / b, out.dtype), "stage", to="varying")
+                grad, dx = vjp(seed)
+                return zeros_act, jnp.zeros((), jnp.float32), grad, (zeros_act if vs == 0 else dx)
+            return run
+
+        def varying(branch):  # lax.switch needs every branch's outputs varying over "stage" alike
+            def run(*args):
+                return tuple(x + jax.lax.pcast(jnp.zeros((), x.dtype), "stage", to="varying")
+                             for x in branch(*args))
+            return run
+
+        branches = [varying(f) for f in [idle] + [forward(vs) for vs in range(n_virtual)]
+                    + [backward(vs) for vs in range(n_virtual)]]
+        ahead = [(i, (i + 1) % stages) for i in range(stages)]
+        behind = [(i, (i - 1) % stages) for i in range(stages)]
+
+        def body(packed, batch):
+            s = jax.lax.axis_index("stage")
+            tables = jnp.asarray(kinds), jnp.asarray(virtual), jnp.asarray(micro)
+
+            def task(t, stage):
+                return tuple(table[t, stage] for table in tables)
+
+            def tick(t, carry):
+                act_in, cot_in, grads, loss = carry
+                kind, vs, m = task(t, s)
+                chunk = vs // stages
+                mb = jax.tree_util.tree_map(
+                    lambda x: jax.lax.dynamic_slice_in_dim(x, m * (x.shape[0] // b), x.shape[0] // b), batch)
+                index = jnp.where(kind == 0, 0, jnp.where(kind == 1, 1 + vs, 1 + n_virtual + vs))
+                y, loss_m, grad, dx = jax.lax.switch(index, branches, packed[0, chunk], act_in[chunk, m],
+                                                     cot_in[chunk, m], mb)
+                grads = grads.at[chunk].add(grad)
+                loss = loss + loss_m
+                y = jax.lax.ppermute(y, "stage", ahead)
+                dx = jax.lax.ppermute(dx, "stage", behind)
+                kind_p, vs_p, m_p = task(t, (s - 1) % stages)
+                got = (kind_p == 1) & (vs_p < n_virtual - 1)
+                act_in = jnp.where(got, act_in.at[(vs_p + 1) // stages, m_p].set(y), act_in)
+                kind_n, vs_n, m_n = task(t, (s + 1) % stages)
+                got = (kind_n == 2) & (vs_n > 0)
+                cot_in = jnp.where(got, cot_in.at[(vs_n - 1) // stages, m_n].set(dx), cot_in)
+                return act_in, cot_in, grads, loss
+
+            buffers = jnp.zeros((v, b, *act.shape), act.dtype)
+            carry = (buffers, buffers, jnp.zeros((v, packing.length), packing.dtype), jnp.zeros((), jnp.float32))
+            carry = tuple(jax.lax.pcast(x, "stage", to="varying") for x in carry)
+            _, _, grads, loss = jax.lax.fori_loop(0, sched.num_ticks, tick, carry)
+            return grads[None], jax.lax.psum(loss, "stage") / b
+
+        P = jax.sharding.PartitionSpec
+        return jax.shard_map(body, mesh=mesh, in_specs=(P("stage"), P()), out_specs=(P("stage"), P()),
+                             axis_names={"stage"})
+
+    def train_step(self, optimizer, mesh: jax.sharding.Mesh, params_for_shapes, batch_for_shapes) -> Callable:
+        """``(packed, opt_state, batch) -> (packed, opt_state, loss)``: the pipeline's gradients, then one
+        optimizer update on the packed parameters (elementwise optimizers such as Adam(W) and SGD update
+        the packed buffer exactly as they would the parameter tree; padding stays zero)."""
+        import optax
+
+        grads_of = self.gradients(mesh, params_for_shapes, batch_for_shapes)
+
+        def step(packed, opt_state, batch):
+            grads, loss = grads_of(packed, batch)
+            updates, opt_state = optimizer.update(grads, opt_state, packed)
+            return optax.apply_updates(packed, updates), opt_state, loss
+
+        return step
+
+
+def gpt_layers(spec) -> list[Layer]:
+    """The zoo GPT (`autoplan.models.gpt`) as a layer sequence: embeddings, each block, final norm + head + loss."""
+    import flax.linen as nn
+
+    from autoplan.models import gpt
+
+    cfg = spec.config
+
+    class Embed(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            return gpt.embed_tokens(cfg, tokens)
+
+    class Head(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = gpt.layer_norm("ln_f", cfg.dtype)(x)
+            return gpt.dense(cfg.vocab_size, "head", cfg.dtype, use_bias=False)(x)
+
+    block = gpt.Block(cfg)
+    layers = [Layer(name="embed", keys=("wte", "wpe"),
+                    apply=lambda p, x, batch: Embed().apply({"params": p}, *spec.inputs_fn(batch)))]
+    for i in range(cfg.layers):
+        layers.append(Layer(name=f"block{i}", keys=(f"block{i}",),
+                            apply=lambda p, x, batch, i=i: block.apply({"params": p[f"block{i}"]}, x)))
+    layers.append(Layer(name="head", keys=("ln_f", "head"),
+                        apply=lambda p, x, batch: spec.loss_fn(Head().apply({"params": p}, x), batch)))
+    return layers
