@@ -139,3 +139,50 @@ def test_dp_equals_brute_force_on_ilp_costs():
     fresh = inter.GraphStageCosts(trace_at, cluster)
     ts = [min(o.seconds for o in fresh(s.start, s.end, s.devices, 2) if o.mesh == s.mesh) for s in choice.stages]
     assert choice.step_seconds == pytest.approx(inter.pipeline_seconds(ts, 2), rel=1e-9)
+
+
+# -- autoplan.plan(stages=, microbatches=, schedule=) -----------------------------------------------
+
+
+def _tiny_step():
+    import autoplan
+
+    spec = autoplan.models.get("gpt-tiny", layers=4, hidden=32, seq_len=8, vocab_size=64)
+    params, opt_state = spec.abstract_state()
+    return spec.train_step, (params, opt_state, spec.abstract_batch())
+
+
+def test_plan_with_pinned_pipeline(tmp_path):
+    import autoplan
+
+    step, args = _tiny_step()
+    plan = autoplan.plan(step, *args, num_devices=4, cluster="a100-8x", stages=2, microbatches=2)
+    assert len(plan.stages) == 2 and plan.microbatches == 2 and plan.schedule == "1f1b"
+    assert plan.mesh.as_dict() == {"stage": 2, **plan.stages[0].mesh.as_dict()}
+    assert [s.in_flight for s in plan.stages] == [2, 1]  # 1F1B: S - s microbatches alive on stage s
+    assert plan.stages[0].layers[0] == "wte+wpe+block0" and plan.stages[-1].layers[-1] == "ln_f+head"
+    t = [s.seconds for s in plan.stages]
+    assert plan.cost.step_seconds == pytest.approx(sum(t) + (2 - 1) * max(t), rel=1e-12)
+    assert plan.bubble_fraction == pytest.approx(1 - 2 * sum(t) / (2 * plan.cost.step_seconds))
+    text = plan.summary()
+    assert "pipeline: 2 stage(s), schedule 1f1b, 2 microbatches, bubble" in text and "stage 1: layers" in text
+    plan.save(str(tmp_path / "plan.json"))
+    loaded = autoplan.load_plan(str(tmp_path / "plan.json"))
+    assert loaded == plan and loaded.stages == plan.stages and loaded.microbatches == 2
+
+
+def test_plan_pipeline_bad_input():
+    import jax
+
+    import autoplan
+    from autoplan._src import pipeline
+
+    step, args = _tiny_step()
+    with pytest.raises(ValueError, match="8 pipeline stages requested but the model has only 5 layers"):
+        autoplan.plan(step, *args, num_devices=8, stages=8, microbatches=1)
+    with pytest.raises(ValueError, match="no 'stage' axis, but stages=2 forces a pipeline; add a leading 'stage'"):
+        autoplan.plan(step, *args, mesh=jax.sharding.AbstractMesh((2, 2), ("data", "model")), stages=2)
+    with pytest.raises(pipeline.MicrobatchError, match="'batch/tokens' has 8 examples, which do not split into 3"):
+        autoplan.plan(step, *args, num_devices=2, microbatches=3)
+    with pytest.raises(ValueError, match="unknown pipeline schedule 'zb'"):
+        autoplan.plan(step, *args, num_devices=2, schedule="zb")

@@ -155,3 +155,43 @@ def test_batch_not_divisible_into_microbatches():
     with pytest.raises(pl.MicrobatchError, match=r"'batch/tokens' has 8 examples, which do not split into 3 .*"
                                                  r"\[1, 2, 4, 8\]"):
         pl.accumulate(spec.train_step, microbatches=3).split(params, opt_state, spec.abstract_batch())
+
+
+# -- the SPMD pipeline runtime ------------------------------------------------------------------
+
+
+def _auto_mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+@pytest.mark.parametrize("name,stages,microbatches,virtual", [
+    ("1f1b", 2, 4, 1), ("gpipe", 4, 4, 1), ("interleaved", 2, 4, 2)])
+def test_pipelined_gpt_equals_single_device(name, stages, microbatches, virtual):
+    spec = _gpt(layers=8, hidden=32, seq_len=8, vocab_size=64)
+    params, opt_state = spec.init(jax.random.key(0))
+    batches = [spec.make_batch(jax.random.key(i)) for i in range(3)]
+    ref_params, _, ref_losses = _run(jax.jit(spec.train_step), params, opt_state, batches)
+
+    schedule = pl.schedule(name, stages=stages, microbatches=microbatches, virtual=virtual)
+    pipe = pl.Pipeline.even(pl.gpt_layers(spec), schedule)
+    mesh = _auto_mesh((stages, 8 // stages), ("stage", "data"))
+    packed = pipe.pack(params)
+    assert packed.shape[:2] == (stages, schedule.virtual)
+    step = jax.jit(pipe.train_step(spec.optimizer, mesh, params, batches[0]))
+    packed, _, losses = _run(step, packed, spec.optimizer.init(packed), batches)
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-6)
+    _assert_same(pipe.unpack(packed), ref_params, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ref_params["block7"]["mlp_out"]["kernel"], params["block7"]["mlp_out"]["kernel"])
+
+
+def test_pipeline_bad_input():
+    spec = _gpt(layers=2, hidden=32, seq_len=8, vocab_size=64)
+    layers = pl.gpt_layers(spec)
+    with pytest.raises(ValueError, match="8 pipeline stages .* only 4 layers; use at most 4 stages"):
+        pl.Pipeline.even(layers, pl.schedule("gpipe", stages=8, microbatches=2))
+    pipe = pl.Pipeline.even(layers, pl.schedule("gpipe", stages=2, microbatches=3))
+    params, _ = spec.abstract_state()
+    with pytest.raises(ValueError, match="'stage' mesh axis of size 2"):
+        pipe.gradients(_auto_mesh((2, 4), ("data", "model")), params, spec.abstract_batch())
+    with pytest.raises(pl.MicrobatchError, match="8 examples does not split into 3 microbatches"):
+        pipe.gradients(_auto_mesh((2, 4), ("stage", "data")), params, spec.abstract_batch())

@@ -154,13 +154,16 @@ def plan_graph(graph: G.Graph, mesh: C.MeshShape, cluster: C.Cluster, *, memory_
 
 def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluster | str | None = None,
          memory_budget: float | None = None, time_limit: float = 60.0, static_argnums: Sequence[int] = (),
-         ) -> P.Plan:
+         stages: int | None = None, microbatches: int | None = None, schedule: str | None = None) -> P.Plan:
     """Plan ``fn(*args)`` on a mesh: how to split every input, output and key intermediate.
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; ``mesh`` a
     `jax.sharding.Mesh` or `AbstractMesh` (or pass ``num_devices`` and
     autoplan picks the (data, model) shape).  ``memory_budget`` defaults to
-    the cluster's device memory; ``cluster`` to "cpu".
+    the cluster's device memory; ``cluster`` to "cpu".  Any of ``stages``,
+    ``microbatches`` (the batch is the last argument) or ``schedule``
+    ("gpipe", "1f1b", "interleaved") plans a pipeline with the stage DP of
+    `autoplan._src.inter`, pinning what is given.
 
     >>> import jax, jax.numpy as jnp, autoplan
     >>> w = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
@@ -174,6 +177,14 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     budget = cluster.device_memory if memory_budget is None else float(memory_budget)
     if budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
+    if stages is not None or microbatches is not None or schedule is not None:
+        from autoplan._src import inter
+
+        if mesh is not None and num_devices is not None:
+            raise ValueError("pass either mesh= or num_devices=, not both")
+        return inter.plan_pipeline(fn, *args, mesh=mesh, num_devices=num_devices, cluster=cluster,
+                                   memory_budget=budget, stages=stages, microbatches=microbatches,
+                                   schedule=schedule, time_limit=time_limit, static_argnums=static_argnums)
     start = time.perf_counter()
     graph = T.trace(fn, *args, static_argnums=static_argnums)
     trace_seconds = time.perf_counter() - start

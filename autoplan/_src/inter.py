@@ -376,8 +376,9 @@ class GraphStageCosts:
     """
 
     def __init__(self, trace_at: Callable[[int], G.Graph], cluster: C.Cluster, *, time_limit: float = 30.0,
-                 batch_prefix: str = "batch"):
+                 batch_prefix: str = "batch", meshes: Callable[[int], list[C.MeshShape]] | None = None):
         self.trace_at, self.cluster, self.time_limit = trace_at, cluster, time_limit
+        self.meshes = meshes or logical_meshes
         self.batch_prefix = batch_prefix
         self._graphs: dict[int, tuple[G.Graph, list[tuple[str, ...]], list[int]]] = {}
         self._cache: dict[tuple, tuple[StageOption, ...]] = {}
@@ -408,7 +409,7 @@ class GraphStageCosts:
                     for i in graph.input_ops
                     if start <= unit_of[i] < end and not graph.ops[i].path.startswith(self.batch_prefix))
         options = []
-        for mesh in logical_meshes(devices):
+        for mesh in self.meshes(devices):
             plan = api.plan_graph(sub, mesh, self.cluster, memory_budget=None, time_limit=self.time_limit,
                                   name=f"layers {start}:{end}")
             self.solves += 1
@@ -422,3 +423,100 @@ class GraphStageCosts:
                                        + boundary, detail=plan))
         self._cache[key] = tuple(options)
         return self._cache[key]
+
+
+# ---------------------------------------------------------------------------
+# `autoplan.plan(..., stages=, microbatches=, schedule=)`.
+
+
+def _stage_mesh(mesh: C.MeshShape | None, stages: int | None) -> tuple[int | None, C.MeshShape | None]:
+    """(stage count, the mesh inside one stage) that a pinned ``mesh=`` fixes."""
+    if mesh is None:
+        return stages, None
+    if "stage" not in mesh.axis_names:
+        if stages is not None and stages > 1:
+            raise ValueError(
+                f"mesh= pins {mesh.as_dict()}, which has no 'stage' axis, but stages={stages} forces a pipeline; "
+                f"add a leading 'stage' axis of size {stages} (e.g. jax.make_mesh(({stages}, "
+                f"{mesh.size // stages}), ('stage', 'data'))), or drop mesh= and pass num_devices={mesh.size}")
+        return 1, mesh
+    size = mesh.axis_size("stage")
+    if stages is not None and stages != size:
+        raise ValueError(f"stages={stages} but the pinned mesh's 'stage' axis has size {size}; make them agree")
+    inner = [(n, k) for n, k in zip(mesh.axis_names, mesh.axis_sizes) if n != "stage"] or [("data", 1)]
+    return size, C.MeshShape(axis_names=tuple(n for n, _ in inner), axis_sizes=tuple(k for _, k in inner))
+
+
+def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluster,
+                  memory_budget: float, stages: int | None = None, microbatches: int | None = None,
+                  schedule: str | None = None, time_limit: float = 60.0, static_argnums: Sequence[int] = ()):
+    """Plan ``fn(*args)`` as a pipeline: the stage DP over the step's layers, stage costs from the ILP.
+
+    The batch is the last argument (every leaf split along its leading axis).
+    Stages get equal submeshes (the SPMD runtime's ``stage`` axis); pinned
+    ``stages`` / ``microbatches`` / ``schedule`` restrict the search.  The
+    returned `Plan` carries the stages, schedule, microbatches, bubble
+    fraction, the pipeline's predicted cost and runner-up plans
+    (``plan.alternatives``); its leaf shardings are the intra-operator plan
+    of the whole step on one stage's logical mesh.
+    """
+    import jax
+
+    from autoplan._src import api
+    from autoplan._src import plan as P
+    from autoplan._src import trace as T
+
+    if static_argnums:
+        raise ValueError("pipeline planning (stages=, microbatches=, schedule=) does not take static_argnums yet; "
+                         "close over static values instead")
+    schedule = schedule or "1f1b"
+    if schedule not in PL.SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {PL.SCHEDULES}")
+    pinned = C.MeshShape.from_mesh(mesh) if mesh is not None else None
+    stages, inner = _stage_mesh(pinned, stages)
+    total = pinned.size if pinned is not None else (num_devices or len(jax.devices()))
+    if stages is not None and (stages < 1 or total % stages):
+        raise ValueError(f"stages={stages} does not divide the {total} devices into equal submeshes; "
+                         f"pick a divisor of {total}")
+    names = T._argument_names(fn, len(args))
+    examples = jax.tree_util.tree_leaves(args[-1])[0].shape[0]
+    counts = [microbatches] if microbatches else [b for b in (1, 2, 4, 8, 16) if examples % b == 0]
+    for b in counts:
+        PL.microbatch_shapes(args, len(args) - 1, b, names)  # a clear error for a batch B does not divide
+
+    def trace_at(b: int) -> G.Graph:
+        return T.trace(fn, *PL.microbatch_shapes(args, len(args) - 1, b, names))
+
+    meshes = (lambda d: [inner]) if inner is not None else None
+    cost = GraphStageCosts(trace_at, cluster, time_limit=time_limit, batch_prefix=names[-1], meshes=meshes)
+    units = cost.units(counts[0])
+    candidates = [stages] if stages else [s for s in (1, 2, 4, 8, 16, 32) if s <= len(units) and total % s == 0]
+    sizes = sorted({total // s for s in candidates})
+    choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=schedule,
+                          memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
+                          layer_names=["+".join(u) for u in units])
+    return _pipeline_plan(choice, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
+
+
+def _pipeline_plan(choice: PipelineChoice, cost: GraphStageCosts, graph: G.Graph, cluster: C.Cluster,
+                   budget: float, time_limit: float, api, P):
+    first = choice.stages[0]
+    base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
+    mesh = first.mesh if len(choice.stages) == 1 else C.MeshShape(
+        axis_names=("stage", *first.mesh.axis_names), axis_sizes=(len(choice.stages), *first.mesh.axis_sizes))
+    plans = [next(o.detail for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
+             for s in choice.stages]
+    busy = sum(s.seconds for s in choice.stages)
+    comm_share = sum(p.cost.communication_seconds for p in plans) / busy if busy else 0.0
+    step = choice.step_seconds
+    act_bytes = max((leaf.nbytes for p in plans[1:] for leaf in p.inputs if leaf.path.startswith("boundary/")),
+                    default=0.0)
+    p2p = 2.0 * choice.microbatches * act_bytes if len(choice.stages) > 1 else 0.0  # activation + cotangent
+    pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
+                           communication_seconds=step * comm_share,
+                           communication_bytes=choice.microbatches * max(p.cost.communication_bytes for p in plans)
+                           + p2p, memory_bytes=max(s.memory_bytes for s in choice.stages))
+    return dataclasses.replace(
+        base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
+        microbatches=choice.microbatches, alternatives=choice.alternatives,
+        solver={**base.solver, "stage_solves": cost.solves})

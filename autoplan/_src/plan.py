@@ -111,7 +111,12 @@ class Plan:
     memory_budget: float | None
     solver: Mapping[str, Any]
     fingerprint: str
+    # Pipeline (inter-operator pass): `inter.Stage` per stage, the schedule's name, microbatches per step,
+    # and runner-up `inter.PipelineChoice`s.  Empty / None / 1 for a plan without pipelining.
     stages: tuple = ()
+    schedule: str | None = None
+    microbatches: int = 1
+    alternatives: tuple = dataclasses.field(default=(), compare=False)
     input_tree: Any = dataclasses.field(default=None, compare=False)
     output_tree: Any = dataclasses.field(default=None, compare=False)
 
@@ -147,6 +152,14 @@ class Plan:
     def fits(self) -> bool:
         limit = self.memory_budget if self.memory_budget is not None else self.cluster.device_memory
         return self.cost.memory_bytes <= limit
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of a pipelined step: 1 - sum_i B t_i / (S T); 0 without stages."""
+        if not self.stages or self.cost.step_seconds <= 0:
+            return 0.0
+        busy = sum(self.microbatches * s.seconds for s in self.stages)
+        return 1.0 - busy / (len(self.stages) * self.cost.step_seconds)
 
     @property
     def energy_joules(self) -> float:
@@ -200,6 +213,7 @@ class Plan:
             lines.append(f"  solver: {s.get('status', '?')} in {s.get('solve_seconds', 0):.2f} s, "
                          f"{s.get('num_vars', 0)} variables, {s.get('num_edges', 0)} edges "
                          f"(planned in {s.get('total_seconds', 0):.2f} s)")
+        lines += _pipeline_lines(self)
         lines.append("")
         lines.append("Inputs (rows that differ only in the layer number are merged):")
         lines += _leaf_table(self.inputs, self.mesh, max_rows)
@@ -255,7 +269,7 @@ class Plan:
             "solver": {k: v for k, v in self.solver.items() if k not in ("total_seconds", "solve_seconds",
                                                                          "build_seconds", "trace_seconds")},
             "fingerprint": self.fingerprint,
-        }
+        } | _pipeline_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -291,7 +305,7 @@ class Plan:
                 op_strategies=tuple(data["op_strategies"]),
                 collectives=tuple(CollectiveUse(**(c | {"axes": tuple(c["axes"])})) for c in data["collectives"]),
                 cost=C.Cost(**data["cost"]), memory_budget=data["memory_budget"], solver=dict(data["solver"]),
-                fingerprint=data["fingerprint"])
+                fingerprint=data["fingerprint"], **_pipeline_fields(data))
         except (KeyError, TypeError) as err:
             raise ValueError(f"malformed plan file: {type(err).__name__}: {err}") from err
 
@@ -320,6 +334,41 @@ def graph_fingerprint(graph: G.Graph) -> str:
     for op in graph.ops:
         h.update(f"{op.primitive}{op.input_shapes}{op.output_shapes}{op.output_dtypes}{op.path}".encode())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# Pipeline entries (the inter-operator pass): summary lines and JSON, only when a plan has them.
+
+
+def _pipeline_lines(plan: Plan) -> list[str]:
+    if not plan.stages and plan.microbatches == 1:
+        return []
+    lines = [f"  pipeline: {len(plan.stages)} stage(s), schedule {plan.schedule}, {plan.microbatches} microbatches, "
+             f"bubble {100 * plan.bubble_fraction:.1f}%"]
+    for k, s in enumerate(plan.stages):
+        mesh = " x ".join(f"{n}={v}" for n, v in zip(s.mesh.axis_names, s.mesh.axis_sizes))
+        lines.append(f"    stage {k}: layers {s.start}..{s.end - 1} ({', '.join(s.layers)}) on {s.devices} devices "
+                     f"({mesh}): {_ms(s.seconds)} per microbatch, {_bytes(s.memory_bytes)} with {s.in_flight} "
+                     "microbatches in flight")
+    for alt in plan.alternatives[:5]:
+        lines.append(f"    runner-up: {alt.describe()}")
+    return lines
+
+
+def _pipeline_dict(plan: Plan) -> dict:
+    if not plan.stages and plan.microbatches == 1:
+        return {}
+    return {"stages": [s.to_dict() for s in plan.stages], "schedule": plan.schedule,
+            "microbatches": plan.microbatches}
+
+
+def _pipeline_fields(data: Mapping) -> dict:
+    if "stages" not in data:
+        return {}
+    from autoplan._src import inter
+
+    return {"stages": tuple(inter.Stage.from_dict(s) for s in data["stages"]), "schedule": data["schedule"],
+            "microbatches": int(data["microbatches"])}
 
 
 # ---------------------------------------------------------------------------
