@@ -195,3 +195,26 @@ def test_pipeline_bad_input():
         pipe.gradients(_auto_mesh((2, 4), ("data", "model")), params, spec.abstract_batch())
     with pytest.raises(pl.MicrobatchError, match="8 examples does not split into 3 microbatches"):
         pipe.gradients(_auto_mesh((2, 4), ("stage", "data")), params, spec.abstract_batch())
+
+
+# -- autoparallel(microbatches=, stages=) ----------------------------------------------------------
+
+
+def test_autoparallel_microbatches_equals_full_batch():
+    spec = _gpt(layers=2, hidden=32, seq_len=8, vocab_size=64)
+    params, opt_state = spec.init(jax.random.key(0))
+    batches = [spec.make_batch(jax.random.key(i)) for i in range(3)]
+    ref = _run(jax.jit(spec.train_step), params, opt_state, batches)
+    step = autoplan.autoparallel(spec.train_step, cluster="a100-8x", microbatches=4, stages=1, donate=False)
+    got = _run(step, params, opt_state, batches)
+    assert step.plan.microbatches == 4 and len(step.plan.stages) == 1
+    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(ref[2]), rtol=2e-6)
+    _assert_same(got[0], ref[0], rtol=1e-5, atol=1e-6)
+
+
+def test_autoparallel_refuses_to_run_several_stages_of_a_traced_step():
+    spec = _gpt(layers=2, hidden=32, seq_len=8, vocab_size=64)
+    params, opt_state = spec.abstract_state()
+    step = autoplan.autoparallel(spec.train_step, cluster="a100-8x", stages=2, microbatches=2)
+    with pytest.raises(NotImplementedError, match="pipelines the step over 2 stages.*autoplan.Pipeline"):
+        step.lower(params, opt_state, spec.abstract_batch())

@@ -40,8 +40,11 @@ class AutoParallel:
     def __init__(self, fun: Callable, *, mesh=None, cluster: C.Cluster | str | None = None,
                  memory_budget: float | None = None, static_argnums: Sequence[int] | int = (),
                  donate: bool = True, time_limit: float = 60.0, planner: Planner | None = None,
-                 plan: P.Plan | None = None):
+                 plan: P.Plan | None = None, stages: int | None = None, microbatches: int | None = None,
+                 schedule: str | None = None):
         functools.update_wrapper(self, fun)
+        self._pipeline = {k: v for k, v in dict(stages=stages, microbatches=microbatches, schedule=schedule).items()
+                          if v is not None}
         self._fun = fun
         self._mesh = mesh
         self._cluster = C.get_cluster(cluster)
@@ -115,6 +118,8 @@ class AutoParallel:
 
     def _build(self, args) -> E.Program:
         graph = T.trace(self._fun, *args, static_argnums=self._static_argnums)
+        if self._pipeline and self._fixed_plan is None and self._planner is None:
+            return self._build_pipelined(args, graph)
         if self._fixed_plan is not None:
             plan = self._fixed_plan
             mesh = E.device_mesh(plan.mesh) if self._mesh is None else self._device_mesh()
@@ -130,6 +135,17 @@ class AutoParallel:
         self.num_plans += 1
         return E.emit(plan, graph, mesh, donate=self._donate)
 
+    def _build_pipelined(self, args, graph) -> E.Program:
+        """stages= / microbatches= / schedule=: the inter-operator pass plans, `pipeline` runs it."""
+        from autoplan._src import pipeline
+
+        budget = self._cluster.device_memory if self._memory_budget is None else float(self._memory_budget)
+        where = dict(mesh=self._mesh) if self._mesh is not None else dict(num_devices=len(jax.devices()))
+        plan = api.plan(self._fun, *args, cluster=self._cluster, memory_budget=budget, time_limit=self._time_limit,
+                        static_argnums=self._static_argnums, **where, **self._pipeline)
+        self.num_plans += 1
+        return pipeline.emit_accumulated(plan, self._fun, graph, E.device_mesh(plan.mesh), donate=self._donate)
+
     def _device_mesh(self) -> jax.sharding.Mesh:
         if self._mesh is None:
             devices = jax.devices()
@@ -142,7 +158,8 @@ class AutoParallel:
 def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster | str | None = None,
                  memory_budget: float | None = None, static_argnums: Sequence[int] | int = (),
                  donate: bool = True, time_limit: float = 60.0, planner: Planner | None = None,
-                 plan: P.Plan | None = None):
+                 plan: P.Plan | None = None, stages: int | None = None, microbatches: int | None = None,
+                 schedule: str | None = None):
     """Plan, compile and run a training step over a device mesh, like ``jax.jit`` with shardings.
 
     Use it bare (``@autoparallel``: every local device on one "data" axis) or
@@ -154,7 +171,11 @@ def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster |
     as ``jax.jit(donate_argnums=...)`` would: do not use those arrays after
     the call.  ``planner`` swaps the ILP for another planner, e.g.
     ``autoplan.baselines.fsdp``; ``plan`` runs a fixed Plan (e.g. one loaded
-    from JSON), refused if it was made for another step.
+    from JSON), refused if it was made for another step.  ``stages``,
+    ``microbatches`` and ``schedule`` pin the inter-operator pass (see
+    `autoplan.plan`); a plan with one stage runs as gradient accumulation over
+    the microbatches, one with several stages is refused here (run layer
+    sequences with `autoplan.Pipeline`).
 
     The decorated function has ``.plan`` (the last call's Plan), ``.lower``
     (``.lower(*args).compile()`` gives XLA's ``Compiled``), ``.trace`` and
@@ -170,7 +191,8 @@ def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster |
     (256.0, 1)
     """
     options = dict(mesh=mesh, cluster=cluster, memory_budget=memory_budget, static_argnums=static_argnums,
-                   donate=donate, time_limit=time_limit, planner=planner, plan=plan)
+                   donate=donate, time_limit=time_limit, planner=planner, plan=plan, stages=stages,
+                   microbatches=microbatches, schedule=schedule)
     if fun is None:
         return functools.partial(AutoParallel, **options)
     return AutoParallel(fun, **options)

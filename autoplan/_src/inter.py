@@ -167,7 +167,7 @@ def solve_stages(num_layers: int, num_devices: int, cost: StageCost, *, microbat
     names = list(layer_names) if layer_names is not None else [str(i) for i in range(num_layers)]
     found: list[PipelineChoice] = []
     for b in microbatches:
-        options = _option_table(num_layers, sizes, cost, b)
+        options = _OptionTable(cost, b)
         for stages in allowed_stages:
             stage_sizes = sizes
             if uniform:
@@ -183,15 +183,34 @@ def solve_stages(num_layers: int, num_devices: int, cost: StageCost, *, microbat
     return dataclasses.replace(found[0], alternatives=tuple(found[1:keep]))
 
 
-def _option_table(num_layers: int, sizes: Sequence[int], cost: StageCost, b: int) -> dict:
-    return {(i, j, d): tuple(cost(i, j, d, b)) for i in range(num_layers) for j in range(i + 1, num_layers + 1)
-            for d in sizes}
+class _OptionTable(dict):
+    """(start, end, devices) -> options at B microbatches, costed on first use."""
+
+    def __init__(self, cost: StageCost, b: int):
+        super().__init__()
+        self.cost, self.b = cost, b
+
+    def __missing__(self, key):
+        self[key] = tuple(self.cost(*key, self.b))
+        return self[key]
+
+
+def _reachable(num_layers: int, num_stages: int, sizes: Sequence[int]):
+    """(start, end, devices) that can be one stage of a ``num_stages``-stage plan over all layers."""
+    for i in range(num_layers):
+        for j in range(i + 1, num_layers + 1):
+            for k in range(num_stages):  # stages before this one
+                after = num_stages - 1 - k
+                if (k == 0) == (i == 0) and k <= i and (after == 0) == (j == num_layers) \
+                        and after <= num_layers - j:
+                    yield from ((i, j, d) for d in sizes)
+                    break
 
 
 def _dp(num_layers: int, num_devices: int, num_stages: int, b: int, options: dict, sizes: Sequence[int],
         schedule: str, budget: float, names: Sequence[str]) -> PipelineChoice | None:
     """Exactly ``num_stages`` stages over all layers and devices; outer loop over t_max with Alpa's pruning."""
-    candidates = sorted({o.seconds for opts in options.values() for o in opts})
+    candidates = sorted({o.seconds for key in _reachable(num_layers, num_stages, sizes) for o in options[key]})
     best: tuple[float, Any] | None = None
     for t_max in candidates:
         if best is not None and b * t_max >= best[0]:
@@ -223,6 +242,8 @@ def _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, 
     for s in range(1, num_stages + 1):
         keep = min(s, b) if schedule != "gpipe" else b
         for start in range(num_layers - 1, -1, -1):
+            if (start == 0) != (s == num_stages) or start < num_stages - s:
+                continue  # no plan reaches layer ``start`` with ``s`` stages left
             for d_total in range(1, num_devices + 1):
                 best = None
                 for end in range(start + 1, num_layers - s + 2):

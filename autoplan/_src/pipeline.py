@@ -815,3 +815,26 @@ def gpt_layers(spec) -> list[Layer]:
     layers.append(Layer(name="head", keys=("ln_f", "head"),
                         apply=lambda p, x, batch: spec.loss_fn(Head().apply({"params": p}, x), batch)))
     return layers
+
+
+def emit_accumulated(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True):
+    """A plan with microbatches and one stage as a runnable program: `accumulate` under ``jax.jit`` with the
+    plan's input and output shardings (XLA places the intermediates; anchors are not pinned).
+
+    A plan with several stages runs only through `Pipeline` (a model written as a layer sequence): a
+    general traced step cannot be cut into stage programs yet, and this says so.
+    """
+    from autoplan._src import emit as E
+
+    if len(plan.stages) > 1:
+        raise NotImplementedError(
+            f"the plan pipelines the step over {len(plan.stages)} stages, but autoparallel cannot yet run a general "
+            "traced step as a pipeline; pass stages=1 (gradient accumulation over microbatches runs), or write the "
+            "model as a layer sequence and run it with autoplan.Pipeline (see autoplan.pipeline_gpt_layers)")
+    in_shardings = jax.tree_util.tree_unflatten(graph.input_tree, E.leaf_shardings(plan.inputs, mesh))
+    out_shardings = jax.tree_util.tree_unflatten(graph.output_tree, E.leaf_shardings(plan.outputs, mesh))
+    donate_argnums = E._donated_arguments(graph) if donate else ()
+    jitted = jax.jit(accumulate(fun, microbatches=plan.microbatches), in_shardings=tuple(in_shardings),
+                     out_shardings=out_shardings, donate_argnums=donate_argnums)
+    return E.Program(plan=plan, mesh=mesh, graph=graph, jitted=jitted, in_shardings=tuple(in_shardings),
+                     out_shardings=out_shardings, donate_argnums=donate_argnums)
