@@ -218,3 +218,13 @@ def test_autoparallel_refuses_to_run_several_stages_of_a_traced_step():
     step = autoplan.autoparallel(spec.train_step, cluster="a100-8x", stages=2, microbatches=2)
     with pytest.raises(NotImplementedError, match="pipelines the step over 2 stages.*autoplan.Pipeline"):
         step.lower(params, opt_state, spec.abstract_batch())
+
+
+def test_pipeline_bounds_from_plan_stages():
+    spec = _gpt(layers=4, hidden=32, seq_len=8, vocab_size=64)
+    layers = pl.gpt_layers(spec)
+    # Stage layer names as the inter-operator pass writes them (plan.stages[i].layers).
+    bounds = pl.bounds_from_stages(layers, [("wte+wpe+block0", "block1"), ("block2",), ("block3", "ln_f+head")])
+    assert bounds == [(0, 3), (3, 4), (4, 6)]
+    with pytest.raises(ValueError, match="contiguous"):
+        pl.bounds_from_stages(layers, [("wte+wpe+block0", "block2"), ("block1", "block3", "ln_f+head")])

@@ -390,7 +390,8 @@ class GraphStageCosts:
     that many microbatches (the graph of one microbatch).  Layer ranges whose ops
     are structurally identical (same primitives, shapes and parameters in the
     same order, e.g. blocks 1-2 and blocks 2-3 of a transformer) are solved once.
-    ``seconds`` leaves out the optimizer update, which runs once per step;
+    ``seconds`` adds the point-to-point time of receiving the range's inputs from
+    neighbouring stages and leaves out the optimizer update, which runs once per step;
     ``weight_bytes`` counts the stage's parameters, gradients and optimizer state
     (every step input of its layers but the batch), split as the ILP splits the
     parameters.
@@ -438,12 +439,24 @@ class GraphStageCosts:
             param_bytes = sum(leaf.nbytes for leaf in params)
             fraction = sum(leaf.device_bytes(mesh) for leaf in params) / param_bytes if param_bytes else 1.0
             boundary = sum(leaf.device_bytes(mesh) for leaf in plan.inputs if leaf.path.startswith("boundary/"))
-            options.append(StageOption(mesh=mesh, seconds=plan.cost.step_seconds,
+            options.append(StageOption(mesh=mesh, seconds=plan.cost.step_seconds + self._receive_seconds(plan, mesh),
                                        weight_bytes=(state + param_bytes) * fraction,
                                        activation_bytes=max(plan.cost.memory_bytes - param_bytes * fraction, 0.0)
                                        + boundary, detail=plan))
         self._cache[key] = tuple(options)
         return self._cache[key]
+
+    def _receive_seconds(self, plan, mesh: C.MeshShape) -> float:
+        """Point-to-point time to receive the stage's activations and cotangents for one microbatch.
+
+        Every value the layer range reads from other layers arrives from a neighbouring stage; the link
+        is inter-node once a stage fills a node (conservative for smaller stages).
+        """
+        cluster = self.cluster
+        bandwidth = cluster.inter_node_bandwidth if mesh.size >= cluster.devices_per_node \
+            else cluster.intra_node_bandwidth
+        leaves = [leaf for leaf in plan.inputs if leaf.path.startswith("boundary/") and leaf.shape]
+        return sum(cluster.latency + leaf.device_bytes(mesh) / bandwidth for leaf in leaves)
 
 
 # ---------------------------------------------------------------------------

@@ -838,3 +838,30 @@ def emit_accumulated(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mes
                      out_shardings=out_shardings, donate_argnums=donate_argnums)
     return E.Program(plan=plan, mesh=mesh, graph=graph, jitted=jitted, in_shardings=tuple(in_shardings),
                      out_shardings=out_shardings, donate_argnums=donate_argnums)
+
+
+def bounds_from_stages(layers: Sequence[Layer], stage_layers: Sequence[Sequence[str]]) -> list[tuple[int, int]]:
+    """Layer ranges of a `Pipeline` from a plan's stages (``plan.stages[i].layers``: Flax layer names,
+    "+"-joined for merged ones): each runtime layer goes to the stage that owns its parameters.
+
+    >>> layers = [Layer(name=n, keys=k, apply=None) for n, k in
+    ...           [("embed", ("wte", "wpe")), ("block0", ("block0",)), ("block1", ("block1",)),
+    ...            ("head", ("ln_f", "head"))]]
+    >>> bounds_from_stages(layers, [["wte+wpe+block0"], ["block1", "ln_f+head"]])
+    [(0, 2), (2, 4)]
+    """
+    owner = {name: k for k, names in enumerate(stage_layers) for unit in names for name in unit.split("+")}
+    stage_of = []
+    for layer in layers:
+        found = {owner[key] for key in layer.keys if key in owner}
+        if len(found) != 1:
+            raise ValueError(f"runtime layer {layer.name!r} (parameters {layer.keys}) maps to stages {sorted(found)} "
+                             "of the plan; each layer's parameters must belong to exactly one stage")
+        stage_of.append(found.pop())
+    if stage_of != sorted(stage_of) or sorted(set(stage_of)) != list(range(len(stage_layers))):
+        raise ValueError(f"the plan's stages {list(stage_layers)} do not cut the layer sequence into contiguous ranges")
+    bounds = []
+    for k in range(len(stage_layers)):
+        members = [i for i, s in enumerate(stage_of) if s == k]
+        bounds.append((members[0], members[-1] + 1))
+    return bounds
