@@ -73,7 +73,8 @@ def test_dp_equals_brute_force_synthetic(seed, schedule, budget):
     assert choice.stages[-1].end == 6 and sum(s.devices for s in choice.stages) == 4
     ts = []
     for k, s in enumerate(choice.stages):
-        option = next(o for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh and o.seconds == s.seconds)
+        option = next(o for o in cost(s.start, s.end, s.devices, choice.microbatches)
+                      if o.mesh == s.mesh and o.seconds == s.seconds)
         keep = choice.microbatches if schedule == "gpipe" else min(len(choice.stages) - k, choice.microbatches)
         assert option.memory(keep) <= budget and s.memory_bytes == option.memory(keep)
         ts.append(option.seconds)

@@ -1,6 +1,7 @@
 """Pipeline schedules against their published definitions, and the pipeline runtimes against jax.jit."""
 
 import itertools
+import re
 
 import pytest
 
@@ -76,6 +77,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import autoplan  # noqa: E402
+from autoplan._src import hlo  # noqa: E402
 
 
 def _gpt(**overrides):
@@ -177,11 +179,20 @@ def test_pipelined_gpt_equals_single_device(name, stages, microbatches, virtual)
     mesh = _auto_mesh((stages, 8 // stages), ("stage", "data"))
     packed = pipe.pack(params)
     assert packed.shape[:2] == (stages, schedule.virtual)
-    step = jax.jit(pipe.train_step(spec.optimizer, mesh, params, batches[0]))
-    packed, _, losses = _run(step, packed, spec.optimizer.init(packed), batches)
+    opt = spec.optimizer.init(packed)
+    step = jax.jit(pipe.train_step(spec.optimizer, mesh, params, batches[0])).lower(packed, opt, batches[0]).compile()
+    packed, _, losses = _run(step, packed, opt, batches)
     np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-6)
     _assert_same(pipe.unpack(packed), ref_params, rtol=1e-5, atol=1e-6)
     assert not np.allclose(ref_params["block7"]["mlp_out"]["kernel"], params["block7"]["mlp_out"]["kernel"])
+    # Honest traffic: the compiled program's collective-permute bytes per step (loop body x XLA's
+    # known_trip_count) are what the pipeline predicts.
+    trips = [int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', step.as_text())]
+    assert trips == [schedule.num_ticks]
+    permutes = [c for c in hlo.collectives(step, mesh) if c.kind == "collective-permute"]
+    assert permutes and all(c.computation != step.as_text().split("ENTRY")[1].split()[0].lstrip("%") for c in permutes)
+    sent = trips[0] * sum(c.nbytes for c in permutes)
+    assert sent == pytest.approx(pipe.p2p_bytes(params, batches[0]), rel=0.2)
 
 
 def test_pipeline_bad_input():

@@ -545,7 +545,10 @@ def _pipeline_plan(choice: PipelineChoice, cost: GraphStageCosts, graph: G.Graph
     step = choice.step_seconds
     act_bytes = max((leaf.nbytes for p in plans[1:] for leaf in p.inputs if leaf.path.startswith("boundary/")),
                     default=0.0)
-    p2p = 2.0 * choice.microbatches * act_bytes if len(choice.stages) > 1 else 0.0  # activation + cotangent
+    # The SPMD runtime sends one activation and one cotangent every tick of the schedule (`Pipeline.p2p_bytes`).
+    ticks = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=choice.microbatches).num_ticks \
+        if len(choice.stages) > 1 and choice.schedule != "interleaved" else 0
+    p2p = 2.0 * ticks * act_bytes
     pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
                            communication_seconds=step * comm_share,
                            communication_bytes=choice.microbatches * max(p.cost.communication_bytes for p in plans)
@@ -554,3 +557,23 @@ def _pipeline_plan(choice: PipelineChoice, cost: GraphStageCosts, graph: G.Graph
         base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
         microbatches=choice.microbatches, alternatives=choice.alternatives,
         solver={**base.solver, "stage_solves": cost.solves})
+
+
+def evaluate_layout(cost: StageCost, bounds: Sequence[tuple[int, int]], devices: Sequence[int], microbatches: int,
+                    *, schedule: str = "1f1b", layer_names: Sequence[str] | None = None) -> PipelineChoice:
+    """The cost model's verdict on a given layout (a hand pipeline): each stage's fastest logical mesh.
+
+    >>> table = lambda i, j, d, b: [StageOption(mesh=C.MeshShape(axis_names=("data",), axis_sizes=(d,)),
+    ...     seconds=(j - i) / d / b, weight_bytes=0.0, activation_bytes=0.0)]
+    >>> evaluate_layout(table, [(0, 2), (2, 4)], [1, 1], 4).step_seconds
+    2.5
+    """
+    names = list(layer_names) if layer_names is not None else [str(i) for i in range(bounds[-1][1])]
+    stages = []
+    for k, ((i, j), d) in enumerate(zip(bounds, devices)):
+        keep = in_flight(schedule, len(bounds) - k, microbatches)
+        option = min(cost(i, j, d, microbatches), key=lambda o: o.seconds)
+        stages.append(Stage(start=i, end=j, layers=tuple(names[i:j]), devices=d, mesh=option.mesh,
+                            seconds=option.seconds, memory_bytes=option.memory(keep), in_flight=keep))
+    return PipelineChoice(stages=tuple(stages), microbatches=microbatches, schedule=schedule,
+                          step_seconds=pipeline_seconds([s.seconds for s in stages], microbatches))

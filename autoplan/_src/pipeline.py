@@ -678,6 +678,12 @@ class Pipeline:
                                  f"{first.shape} {first.dtype}: stage boundaries must carry one activation shape")
         return first
 
+    def p2p_bytes(self, params_for_shapes, batch_for_shapes) -> float:
+        """Bytes each device sends point-to-point per step: every tick moves one activation forward and one
+        cotangent backward (idle ticks send zeros, as a collective must run on every device)."""
+        act = self.activation_shape(params_for_shapes, batch_for_shapes)
+        return 2.0 * self.schedule.num_ticks * math.prod(act.shape) * jnp.dtype(act.dtype).itemsize
+
     def gradients(self, mesh: jax.sharding.Mesh, params_for_shapes, batch_for_shapes) -> Callable:
         """``(packed, batch) -> (packed gradients, mean loss)`` as one shard_map over the ``stage`` axis."""
         sched = self.schedule
