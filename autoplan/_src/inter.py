@@ -390,8 +390,10 @@ class GraphStageCosts:
     that many microbatches (the graph of one microbatch).  Layer ranges whose ops
     are structurally identical (same primitives, shapes and parameters in the
     same order, e.g. blocks 1-2 and blocks 2-3 of a transformer) are solved once.
-    ``seconds`` adds the point-to-point time of receiving the range's inputs from
-    neighbouring stages and leaves out the optimizer update, which runs once per step;
+    ``seconds`` is the ILP's time of one microbatch with the weight-gradient
+    reductions divided by ``B`` (they run once per step), plus the point-to-point
+    time of receiving the range's inputs from neighbouring stages; it leaves out
+    the optimizer update, which runs once per step;
     ``weight_bytes`` counts the stage's parameters, gradients and optimizer state
     (every step input of its layers but the batch), split as the ILP splits the
     parameters.
@@ -417,8 +419,6 @@ class GraphStageCosts:
         return self._graphs[b]
 
     def __call__(self, start: int, end: int, devices: int, microbatches: int) -> tuple[StageOption, ...]:
-        from autoplan._src import api
-
         graph, units, unit_of = self._graph(microbatches)
         keep = {op.id for op in graph.ops if start <= unit_of[op.id] < end and op.role in (G.FORWARD, G.BACKWARD)}
         key = (tuple(graph.ops[i].signature for i in sorted(keep)), devices, microbatches)
@@ -432,19 +432,39 @@ class GraphStageCosts:
                     if start <= unit_of[i] < end and not graph.ops[i].path.startswith(self.batch_prefix))
         options = []
         for mesh in self.meshes(devices):
-            plan = api.plan_graph(sub, mesh, self.cluster, memory_budget=None, time_limit=self.time_limit,
-                                  name=f"layers {start}:{end}")
-            self.solves += 1
+            plan, sync = self._solve(sub, mesh, f"layers {start}:{end}")
             params = [leaf for leaf in plan.inputs if not leaf.path.startswith("boundary/")]
             param_bytes = sum(leaf.nbytes for leaf in params)
             fraction = sum(leaf.device_bytes(mesh) for leaf in params) / param_bytes if param_bytes else 1.0
             boundary = sum(leaf.device_bytes(mesh) for leaf in plan.inputs if leaf.path.startswith("boundary/"))
-            options.append(StageOption(mesh=mesh, seconds=plan.cost.step_seconds + self._receive_seconds(plan, mesh),
+            # Weight-gradient reductions run once per step: 1/B of them per microbatch (as Alpa prices them),
+            # so B microbatches through the slowest stage pay them once.
+            seconds = plan.cost.step_seconds - sync + sync / microbatches + self._receive_seconds(plan, mesh)
+            options.append(StageOption(mesh=mesh, seconds=seconds,
                                        weight_bytes=(state + param_bytes) * fraction,
                                        activation_bytes=max(plan.cost.memory_bytes - param_bytes * fraction, 0.0)
                                        + boundary, detail=plan))
         self._cache[key] = tuple(options)
         return self._cache[key]
+
+    def _solve(self, sub: G.Graph, mesh: C.MeshShape, name: str):
+        """The ILP's plan of a sub-graph, and the seconds of its weight-gradient collectives."""
+        from autoplan._src import api
+        from autoplan._src import intra
+        from autoplan._src.strategies import base as S
+
+        options = intra.SolveOptions(memory_budget=None, time_limit=self.time_limit)
+        problem = intra.build_problem(sub, S.Context(mesh=mesh, cluster=self.cluster), options)
+        solution = intra.solve(problem, options)
+        self.solves += 1
+        sync, groups = 0.0, {}
+        for i in intra.combined_ops(sub):  # as `api.evaluate` prices them: latency once per (kind, axes)
+            strategy = problem.strategies[i][solution.op_strategy[i]]
+            combined = intra.combined_latency(strategy, problem.ctx)
+            sync += sum(col.seconds - combined.get((col.kind, tuple(col.axes)), 0.0) for col in strategy.collectives)
+            groups.update(combined)
+        sync += sum(groups.values())
+        return api.build_plan(name, sub, problem, solution, None), sync
 
     def _receive_seconds(self, plan, mesh: C.MeshShape) -> float:
         """Point-to-point time to receive the stage's activations and cotangents for one microbatch.
