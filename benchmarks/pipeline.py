@@ -49,6 +49,7 @@ def main() -> None:
         names = trace._argument_names(spec.train_step, 3)
         cost = inter.GraphStageCosts(
             lambda b: trace.trace(spec.train_step, *pl.microbatch_shapes(args, 2, b, names)), cluster)
+        cost.total_devices = DEVICES
         units = cost.units(MICROBATCHES)
         half = len(units) // 2
         hand = inter.evaluate_layout(cost, [(0, half), (half, len(units))], [DEVICES // 2] * 2, MICROBATCHES,

@@ -403,6 +403,7 @@ class GraphStageCosts:
                  batch_prefix: str = "batch", meshes: Callable[[int], list[C.MeshShape]] | None = None):
         self.trace_at, self.cluster, self.time_limit = trace_at, cluster, time_limit
         self.meshes = meshes or logical_meshes
+        self.total_devices: int | None = None  # devices of the whole pipeline, when known
         self.batch_prefix = batch_prefix
         self._graphs: dict[int, tuple[G.Graph, list[tuple[str, ...]], list[int]]] = {}
         self._cache: dict[tuple, tuple[StageOption, ...]] = {}
@@ -469,12 +470,14 @@ class GraphStageCosts:
     def _receive_seconds(self, plan, mesh: C.MeshShape) -> float:
         """Point-to-point time to receive the stage's activations and cotangents for one microbatch.
 
-        Every value the layer range reads from other layers arrives from a neighbouring stage; the link
-        is inter-node once a stage fills a node (conservative for smaller stages).
+        Every value the layer range reads from other layers arrives from a neighbouring stage.  Once the
+        pipeline spans nodes (``total_devices`` above a node) some boundary crosses them, and every
+        stage is priced at the inter-node link (conservative: the DP cannot see where boundaries fall).
         """
         cluster = self.cluster
-        bandwidth = cluster.inter_node_bandwidth if mesh.size >= cluster.devices_per_node \
-            else cluster.intra_node_bandwidth
+        spanned = self.total_devices if self.total_devices is not None else mesh.size
+        bandwidth = cluster.inter_node_bandwidth if spanned > cluster.devices_per_node or \
+            mesh.size >= cluster.devices_per_node else cluster.intra_node_bandwidth
         leaves = [leaf for leaf in plan.inputs if leaf.path.startswith("boundary/") and leaf.shape]
         return sum(cluster.latency + leaf.device_bytes(mesh) / bandwidth for leaf in leaves)
 
@@ -543,6 +546,7 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
 
     meshes = (lambda d: [inner]) if inner is not None else None
     cost = GraphStageCosts(trace_at, cluster, time_limit=time_limit, batch_prefix=names[-1], meshes=meshes)
+    cost.total_devices = total
     units = cost.units(counts[0])
     candidates = [stages] if stages else [s for s in (1, 2, 4, 8, 16, 32) if s <= len(units) and total % s == 0]
     sizes = sorted({total // s for s in candidates})
