@@ -372,6 +372,13 @@ def sub_graph(graph: G.Graph, keep: set[int], layers: Sequence[str]) -> G.Graph:
                    layers=[layer for layer in graph.layers if layer in set(layers)])
 
 
+def _structure(graph: G.Graph, ops: Sequence[int]) -> tuple:
+    """What makes two layer ranges the same problem: their ops' signatures and how they connect."""
+    local = {op_id: k for k, op_id in enumerate(ops)}
+    return tuple((graph.ops[i].signature, tuple(None if t == G.LITERAL else local.get(graph.tensors[t].producer, -1)
+                                                for t in graph.ops[i].inputs)) for i in ops)
+
+
 def logical_meshes(devices: int) -> list[C.MeshShape]:
     """Every (data, model) factorization of a submesh's devices.
 
@@ -422,14 +429,12 @@ class GraphStageCosts:
     def __call__(self, start: int, end: int, devices: int, microbatches: int) -> tuple[StageOption, ...]:
         graph, units, unit_of = self._graph(microbatches)
         keep = {op.id for op in graph.ops if start <= unit_of[op.id] < end and op.role in (G.FORWARD, G.BACKWARD)}
-        key = (tuple(graph.ops[i].signature for i in sorted(keep)), devices, microbatches)
+        key = (_structure(graph, sorted(keep)), devices, microbatches)
         if key in self._cache:
             return self._cache[key]
         layers = [layer for unit in units[start:end] for layer in unit]
         sub = sub_graph(graph, keep, layers)
-        state = sum(graph.ops[i].output_shapes and G.Tensor(id=0, shape=graph.ops[i].output_shapes[0],
-                                                               dtype=graph.ops[i].output_dtypes[0], producer=0).nbytes
-                    for i in graph.input_ops
+        state = sum(graph.tensors[graph.ops[i].outputs[0]].nbytes for i in graph.input_ops  # params, opt state
                     if start <= unit_of[i] < end and not graph.ops[i].path.startswith(self.batch_prefix))
         options = []
         for mesh in self.meshes(devices):
