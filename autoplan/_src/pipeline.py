@@ -697,13 +697,7 @@ class Pipeline:
                                       f"pass a number of microbatches that divides {leaf.shape[0]}")
         packing = self.packing(params_for_shapes)
         act = self.activation_shape(params_for_shapes, batch_for_shapes)
-        kinds = np.zeros((sched.num_ticks, stages), np.int32)
-        virtual = np.zeros((sched.num_ticks, stages), np.int32)
-        micro = np.zeros((sched.num_ticks, stages), np.int32)
-        for task in sched.tasks:
-            kinds[task.tick, task.stage] = 1 if task.kind == FORWARD else 2
-            virtual[task.tick, task.stage] = task.chunk * stages + task.stage
-            micro[task.tick, task.stage] = task.microbatch
+        kinds, virtual, micro = task_tables(sched)
         zeros_act = jnp.zeros(act.shape, act.dtype)
         zeros_grad = jnp.zeros((packing.length,), packing.dtype)
 
@@ -791,6 +785,24 @@ class Pipeline:
             return optax.apply_updates(packed, updates), opt_state, loss
 
         return step
+
+
+def task_tables(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[tick, stage]`` arrays the runtime indexes: kind (0 idle, 1 forward, 2 backward), virtual stage
+    (``chunk * S + stage``) and microbatch.
+
+    >>> kinds, _, micro = task_tables(schedule("gpipe", stages=2, microbatches=2))
+    >>> kinds.T.tolist(), micro.T.tolist()
+    ([[1, 1, 0, 0, 2, 2], [0, 1, 1, 2, 2, 0]], [[0, 1, 0, 0, 0, 1], [0, 0, 1, 0, 1, 0]])
+    """
+    kinds = np.zeros((sched.num_ticks, sched.num_stages), np.int32)
+    virtual = np.zeros_like(kinds)
+    micro = np.zeros_like(kinds)
+    for task in sched.tasks:
+        kinds[task.tick, task.stage] = 1 if task.kind == FORWARD else 2
+        virtual[task.tick, task.stage] = task.chunk * sched.num_stages + task.stage
+        micro[task.tick, task.stage] = task.microbatch
+    return kinds, virtual, micro
 
 
 def gpt_layers(spec) -> list[Layer]:
