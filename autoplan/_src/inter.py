@@ -541,7 +541,11 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
         raise ValueError(f"stages={stages} does not divide the {total} devices into equal submeshes; "
                          f"pick a divisor of {total}")
     names = T._argument_names(fn, len(args))
-    examples = jax.tree_util.tree_leaves(args[-1])[0].shape[0]
+    batch_leaves = jax.tree_util.tree_leaves(args[-1])
+    if not batch_leaves or not batch_leaves[0].shape:
+        raise PL.MicrobatchError(f"the last argument ({names[-1]!r}) is the batch and needs array leaves with a "
+                                 "leading batch axis to be cut into microbatches")
+    examples = batch_leaves[0].shape[0]
     counts = [microbatches] if microbatches else [b for b in (1, 2, 4, 8, 16) if examples % b == 0]
     for b in counts:
         PL.microbatch_shapes(args, len(args) - 1, b, names)  # a clear error for a batch B does not divide
