@@ -1,5 +1,13 @@
 """Pipeline schedules as data, and the runtimes that execute them.
 
+Three parts: `schedule` (GPipe, 1F1B and interleaved 1F1B tables); `accumulate`
+(any traced step cut at its gradients and run over microbatches: gradient
+accumulation, exact for a loss that is a mean over independent examples); and
+`Pipeline`, the SPMD pipeline runtime for a model written as a sequence of
+`Layer`s whose stage boundaries carry one activation shape (`gpt_layers`
+adapts the zoo GPT).  A general traced step is not yet cut into stage
+programs: `emit_accumulated` refuses plans with several stages.
+
 A schedule is a table of `Task`s ``(tick, stage, microbatch, kind, chunk)``:
 at ``tick`` the devices of pipeline ``stage`` run the forward ("F") or
 backward ("B") pass of ``microbatch`` through their model ``chunk`` (always 0
