@@ -14,6 +14,13 @@ from autoplan._src.cluster import clusters as clusters
 from autoplan._src.emit import PlanMismatchError as PlanMismatchError
 from autoplan._src.intra import PlanningError as PlanningError
 from autoplan._src.intra import PlanningTimeoutWarning as PlanningTimeoutWarning
+from autoplan._src.pipeline import Layer as PipelineLayer
+from autoplan._src.pipeline import MicrobatchError as MicrobatchError
+from autoplan._src.pipeline import Pipeline as Pipeline
+from autoplan._src.pipeline import Schedule as PipelineSchedule
+from autoplan._src.pipeline import accumulate as accumulate
+from autoplan._src.pipeline import gpt_layers as pipeline_gpt_layers
+from autoplan._src.pipeline import schedule as pipeline_schedule
 from autoplan._src.plan import Plan as Plan
 from autoplan._src.plan import load_plan as load_plan
 from autoplan._src.strategies.base import Strategy as Strategy

@@ -288,7 +288,8 @@ def pinned_inputs(graph: G.Graph, in_shardings, mesh: C.MeshShape) -> dict[int, 
 
 def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluster | str | None = None,
          memory_budget: float | None = None, time_limit: float = 60.0, static_argnums: Sequence[int] = (),
-         in_shardings=None) -> P.Plan:
+         in_shardings=None, stages: int | None = None, microbatches: int | None = None,
+         schedule: str | None = None) -> P.Plan:
     """Plan ``fn(*args)`` on a mesh: how to split every input, output and key intermediate.
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; ``mesh`` a
@@ -300,6 +301,9 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     ``in_shardings``, a pytree prefix of the non-static arguments like
     ``jax.jit``'s, fixes the layout of the leaves it names (`PartitionSpec`
     or `NamedSharding`; ``autoplan.AUTO`` or None leaves them to the planner).
+    Any of ``stages``, ``microbatches`` (the batch is the last argument) or
+    ``schedule`` ("gpipe", "1f1b", "interleaved") plans a pipeline with the
+    stage DP of `autoplan._src.inter`, pinning what is given.
 
     >>> import jax, jax.numpy as jnp, autoplan
     >>> w = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
@@ -314,6 +318,14 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     budget = cluster.device_memory if memory_budget is None else float(memory_budget)
     if budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
+    if stages is not None or microbatches is not None or schedule is not None:
+        from autoplan._src import inter
+
+        if mesh is not None and num_devices is not None:
+            raise ValueError("pass either mesh= or num_devices=, not both")
+        return inter.plan_pipeline(fn, *args, mesh=mesh, num_devices=num_devices, cluster=cluster,
+                                   memory_budget=budget, stages=stages, microbatches=microbatches,
+                                   schedule=schedule, time_limit=time_limit, static_argnums=static_argnums)
     start = time.perf_counter()
     graph = T.trace(fn, *args, static_argnums=static_argnums)
     trace_seconds = time.perf_counter() - start

@@ -40,8 +40,12 @@ class AutoParallel:
     def __init__(self, fun: Callable, *, mesh=None, cluster: C.Cluster | str | None = None,
                  memory_budget: float | None = None, static_argnums: Sequence[int] | int = (),
                  donate: bool = True, time_limit: float = 60.0, planner: Planner | None = None,
-                 plan: P.Plan | None = None):
+                 plan: P.Plan | None = None, stages: int | None = None, microbatches: int | None = None,
+                 schedule: str | None = None, in_shardings=None):
         functools.update_wrapper(self, fun)
+        self._in_shardings = in_shardings
+        self._pipeline = {k: v for k, v in dict(stages=stages, microbatches=microbatches, schedule=schedule).items()
+                          if v is not None}
         self._fun = fun
         self._mesh = mesh
         # None: the local devices' preset, looked up at the first call (not here, so that decorating
@@ -118,6 +122,8 @@ class AutoParallel:
     def _build(self, args) -> E.Program:
         api.refuse_graph_objects(self._fun, args, self._static_argnums)
         graph = T.trace(self._fun, *args, static_argnums=self._static_argnums)
+        if self._pipeline and self._fixed_plan is None and self._planner is None:
+            return self._build_pipelined(args, graph)
         cluster, cluster_origin = C.resolve_cluster(self._cluster)
         if self._fixed_plan is not None:
             plan = self._fixed_plan
@@ -125,8 +131,9 @@ class AutoParallel:
         elif self._planner is None:
             mesh = self._device_mesh()
             budget = cluster.device_memory if self._memory_budget is None else float(self._memory_budget)
-            plan = api.plan_graph(graph, C.MeshShape.from_mesh(mesh), cluster, memory_budget=budget,
-                                  time_limit=self._time_limit)
+            shape = C.MeshShape.from_mesh(mesh)
+            plan = api.plan_graph(graph, shape, cluster, memory_budget=budget, time_limit=self._time_limit,
+                                  pinned=api.pinned_inputs(graph, self._in_shardings, shape))
         else:
             mesh = self._device_mesh()
             plan = self._planner(self._fun, *args, mesh=mesh, cluster=cluster,
@@ -135,6 +142,18 @@ class AutoParallel:
             plan = dataclasses.replace(plan, cluster_origin=cluster_origin)
         self.num_plans += 1
         return E.emit(plan, graph, mesh, donate=self._donate)
+
+    def _build_pipelined(self, args, graph) -> E.Program:
+        """stages= / microbatches= / schedule=: the inter-operator pass plans, `pipeline` runs it."""
+        from autoplan._src import pipeline
+
+        cluster, _ = C.resolve_cluster(self._cluster)
+        budget = cluster.device_memory if self._memory_budget is None else float(self._memory_budget)
+        where = dict(mesh=self._mesh) if self._mesh is not None else dict(num_devices=len(jax.devices()))
+        plan = api.plan(self._fun, *args, cluster=cluster, memory_budget=budget, time_limit=self._time_limit,
+                        static_argnums=self._static_argnums, **where, **self._pipeline)
+        self.num_plans += 1
+        return pipeline.emit_accumulated(plan, self._fun, graph, E.device_mesh(plan.mesh), donate=self._donate)
 
     def _device_mesh(self) -> jax.sharding.Mesh:
         if self._mesh is None:
@@ -148,7 +167,8 @@ class AutoParallel:
 def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster | str | None = None,
                  memory_budget: float | None = None, static_argnums: Sequence[int] | int = (),
                  donate: bool = True, time_limit: float = 60.0, planner: Planner | None = None,
-                 plan: P.Plan | None = None):
+                 plan: P.Plan | None = None, stages: int | None = None, microbatches: int | None = None,
+                 schedule: str | None = None, in_shardings=None):
     """Plan, compile and run a training step over a device mesh, like ``jax.jit`` with shardings.
 
     Use it bare (``@autoparallel``: every local device on one "data" axis) or
@@ -162,7 +182,13 @@ def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster |
     as ``jax.jit(donate_argnums=...)`` would: do not use those arrays after
     the call.  ``planner`` swaps the ILP for another planner, e.g.
     ``autoplan.baselines.fsdp``; ``plan`` runs a fixed Plan (e.g. one loaded
-    from JSON), refused if it was made for another step.
+    from JSON), refused if it was made for another step.  ``in_shardings``
+    (a prefix of the arguments, as for `autoplan.plan`) pins those leaves'
+    layouts.  ``stages``, ``microbatches`` and ``schedule`` pin the
+    inter-operator pass (see
+    `autoplan.plan`); a plan with one stage runs as gradient accumulation over
+    the microbatches, one with several stages is refused here (run layer
+    sequences with `autoplan.Pipeline`).
 
     Arguments are pytrees of arrays: a Flax NNX Module or Optimizer, which
     an ``nnx.jit`` step mutates in place, is refused with the ``nnx.split``
@@ -182,7 +208,8 @@ def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster |
     (256.0, 1)
     """
     options = dict(mesh=mesh, cluster=cluster, memory_budget=memory_budget, static_argnums=static_argnums,
-                   donate=donate, time_limit=time_limit, planner=planner, plan=plan)
+                   donate=donate, time_limit=time_limit, planner=planner, plan=plan, stages=stages,
+                   microbatches=microbatches, schedule=schedule, in_shardings=in_shardings)
     if fun is None:
         return functools.partial(AutoParallel, **options)
     return AutoParallel(fun, **options)

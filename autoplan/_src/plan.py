@@ -117,8 +117,13 @@ class Plan:
     memory_budget: float | None
     solver: Mapping[str, Any]
     fingerprint: str
+    # Pipeline (inter-operator pass): `inter.Stage` per stage, the schedule's name, microbatches per step,
+    # and runner-up `inter.PipelineChoice`s.  Empty / None / 1 for a plan without pipelining.
     stages: tuple = ()
     cluster_origin: str = ""  # how the cluster was chosen when the caller did not name it
+    schedule: str | None = None
+    microbatches: int = 1
+    alternatives: tuple = dataclasses.field(default=(), compare=False)
     input_tree: Any = dataclasses.field(default=None, compare=False)
     output_tree: Any = dataclasses.field(default=None, compare=False)
 
@@ -160,6 +165,14 @@ class Plan:
     def fits(self) -> bool:
         limit = self.memory_budget if self.memory_budget is not None else self.cluster.device_memory
         return self.cost.memory_bytes <= limit
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of a pipelined step: 1 - sum_i B t_i / (S T); 0 without stages."""
+        if not self.stages or self.cost.step_seconds <= 0:
+            return 0.0
+        busy = sum(self.microbatches * s.seconds for s in self.stages)
+        return 1.0 - busy / (len(self.stages) * self.cost.step_seconds)
 
     @property
     def energy_joules(self) -> float:
@@ -217,6 +230,7 @@ class Plan:
         if self.user_pinned:
             lines.append(f"  user-pinned layouts (kept as written in the step): "
                          f"{', '.join(name.split(' ', 1)[1] for _, name in self.user_pinned)}")
+        lines += _pipeline_lines(self)
         lines.append("")
         lines.append("Inputs (rows that differ only in the layer number are merged):")
         lines += _leaf_table(self.inputs, self.mesh, max_rows)
@@ -272,7 +286,7 @@ class Plan:
             "solver": {k: v for k, v in self.solver.items() if k not in ("total_seconds", "solve_seconds",
                                                                          "build_seconds", "trace_seconds")},
             "fingerprint": self.fingerprint,
-        } | ({"cluster_origin": self.cluster_origin} if self.cluster_origin else {})
+        } | ({"cluster_origin": self.cluster_origin} if self.cluster_origin else {}) | _pipeline_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -338,6 +352,41 @@ def graph_fingerprint(graph: G.Graph) -> str:
     for op in graph.ops:
         h.update(f"{op.primitive}{op.input_shapes}{op.output_shapes}{op.output_dtypes}{op.path}".encode())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# Pipeline entries (the inter-operator pass): summary lines and JSON, only when a plan has them.
+
+
+def _pipeline_lines(plan: Plan) -> list[str]:
+    if not plan.stages and plan.microbatches == 1:
+        return []
+    lines = [f"  pipeline: {len(plan.stages)} stage(s), schedule {plan.schedule}, {plan.microbatches} microbatches, "
+             f"bubble {100 * plan.bubble_fraction:.1f}%"]
+    for k, s in enumerate(plan.stages):
+        mesh = " x ".join(f"{n}={v}" for n, v in zip(s.mesh.axis_names, s.mesh.axis_sizes))
+        lines.append(f"    stage {k}: layers {s.start}..{s.end - 1} ({', '.join(s.layers)}) on {s.devices} devices "
+                     f"({mesh}): {_ms(s.seconds)} per microbatch, {_bytes(s.memory_bytes)} with {s.in_flight} "
+                     "microbatches in flight")
+    for alt in plan.alternatives[:5]:
+        lines.append(f"    runner-up: {alt.describe()}")
+    return lines
+
+
+def _pipeline_dict(plan: Plan) -> dict:
+    if not plan.stages and plan.microbatches == 1:
+        return {}
+    return {"stages": [s.to_dict() for s in plan.stages], "schedule": plan.schedule,
+            "microbatches": plan.microbatches}
+
+
+def _pipeline_fields(data: Mapping) -> dict:
+    if "stages" not in data:
+        return {}
+    from autoplan._src import inter
+
+    return {"stages": tuple(inter.Stage.from_dict(s) for s in data["stages"]), "schedule": data["schedule"],
+            "microbatches": int(data["microbatches"])}
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,612 @@
+"""The inter-operator pass: cluster a step's ops into layers and slice the layers into pipeline stages.
+
+The stage DP (Alpa, OSDI'22, section 5.2) picks contiguous layer ranges, a
+submesh (device count) per range, a logical mesh inside it and the number of
+microbatches ``B`` to minimise the pipeline step latency
+
+    T = sum_i t_i + (B - 1) * max_i t_i
+
+where ``t_i`` is the forward plus backward time of one microbatch on stage
+``i``.  This is the latency of GPipe and 1F1B with the bubble counted in: the
+first microbatch crosses every stage (``sum t_i``), the slowest stage then
+runs the other ``B - 1`` microbatches back to back; the idle slots of faster
+stages are the bubble.  Memory: stage ``i`` holds its weights and optimizer
+state, plus the activations of the microbatches its schedule keeps alive:
+``B`` under GPipe, ``min(S - i, B)`` under 1F1B (``S - i`` = the stages from
+``i`` to the last, counted from the end as the DP does).
+
+Stage costs come from a callback ``cost(start, end, devices, microbatches)``
+returning `StageOption`s (one per logical mesh); `graph_stage_costs` makes one
+from a traced `Graph` by solving the intra-operator ILP on the sub-graph of
+those layers, solving structurally identical ranges once.  Tests can pass a
+synthetic table instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from autoplan._src import cluster as C
+from autoplan._src import graph as G
+from autoplan._src import pipeline as PL
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StageOption:
+    """One way to run a layer range on a submesh: its logical mesh, latency and memory.
+
+    ``seconds`` is forward + backward of one microbatch; ``weight_bytes`` is
+    what the stage holds regardless of microbatches (weights, gradients,
+    optimizer state) and ``activation_bytes`` what one in-flight microbatch adds,
+    both per device.
+    """
+
+    mesh: C.MeshShape
+    seconds: float
+    weight_bytes: float
+    activation_bytes: float
+    detail: Any = dataclasses.field(default=None, compare=False)
+
+    def memory(self, in_flight: int) -> float:
+        return self.weight_bytes + in_flight * self.activation_bytes
+
+
+StageCost = Callable[[int, int, int, int], Sequence[StageOption]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Stage:
+    """One pipeline stage of a plan: layers ``[start, end)``, its submesh and predicted cost."""
+
+    start: int
+    end: int
+    layers: tuple[str, ...]
+    devices: int
+    mesh: C.MeshShape
+    seconds: float
+    memory_bytes: float
+    in_flight: int
+
+    def to_dict(self) -> dict:
+        return {"start": self.start, "end": self.end, "layers": list(self.layers), "devices": self.devices,
+                "mesh": self.mesh.as_dict(), "seconds": self.seconds, "memory_bytes": self.memory_bytes,
+                "in_flight": self.in_flight}
+
+    @classmethod
+    def from_dict(cls, data) -> Stage:
+        mesh = C.MeshShape.from_mesh(data["mesh"])
+        return cls(start=data["start"], end=data["end"], layers=tuple(data["layers"]), devices=data["devices"],
+                   mesh=mesh, seconds=data["seconds"], memory_bytes=data["memory_bytes"],
+                   in_flight=data["in_flight"])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineChoice:
+    """The stage DP's answer: stages, microbatches, schedule and the predicted step latency."""
+
+    stages: tuple[Stage, ...]
+    microbatches: int
+    schedule: str
+    step_seconds: float
+    alternatives: tuple[PipelineChoice, ...] = ()
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of the step under the T formula: 1 - sum_i B t_i / (S T)."""
+        busy = sum(self.microbatches * s.seconds for s in self.stages)
+        return 1.0 - busy / (len(self.stages) * self.step_seconds) if self.step_seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        parts = [f"{s.start}:{s.end}@{s.devices}" for s in self.stages]
+        return f"{len(self.stages)} stages [{', '.join(parts)}], B={self.microbatches}, {self.step_seconds:.6g} s"
+
+
+def pipeline_seconds(stage_seconds: Sequence[float], microbatches: int) -> float:
+    """Pipeline step latency ``sum t_i + (B - 1) max t_i``.
+
+    >>> pipeline_seconds([1.0, 2.0, 1.0], 4)
+    10.0
+    """
+    return sum(stage_seconds) + (microbatches - 1) * max(stage_seconds)
+
+
+def in_flight(schedule: str, stages_from_here: int, microbatches: int) -> int:
+    """Microbatches whose activations a stage keeps alive; ``stages_from_here`` = S - s for stage s.
+
+    >>> in_flight("gpipe", 2, 8), in_flight("1f1b", 2, 8)
+    (8, 2)
+    """
+    if schedule == "gpipe":
+        return microbatches
+    if schedule in ("1f1b", "interleaved"):
+        return min(stages_from_here, microbatches)
+    raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {PL.SCHEDULES}")
+
+
+def submesh_sizes(num_devices: int, devices_per_node: int) -> list[int]:
+    """Alpa's submesh shapes as device counts: 1, 2, 4, ... within a node, then whole nodes.
+
+    >>> submesh_sizes(16, 4)
+    [1, 2, 4, 8, 12, 16]
+    """
+    per_node = min(devices_per_node, num_devices)
+    sizes = [1 << k for k in range(per_node.bit_length()) if (1 << k) <= per_node]
+    if per_node not in sizes:
+        sizes.append(per_node)
+    sizes += [n * per_node for n in range(2, num_devices // per_node + 1)]
+    return sorted(set(s for s in sizes if s <= num_devices))
+
+
+def solve_stages(num_layers: int, num_devices: int, cost: StageCost, *, microbatches: Sequence[int],
+                 schedule: str = "1f1b", memory_budget: float = math.inf, sizes: Sequence[int] | None = None,
+                 num_stages: Sequence[int] | None = None, uniform: bool = False,
+                 layer_names: Sequence[str] | None = None, keep: int = 8) -> PipelineChoice:
+    """Alpa's stage DP: the layer ranges, submeshes, logical meshes and ``B`` of least step latency.
+
+    ``sizes`` are the allowed device counts per stage (default `submesh_sizes`
+    with one node of all devices); the stages' counts sum to ``num_devices``.
+    ``uniform`` gives every stage the same count (the SPMD runtime needs it).
+    ``num_stages`` / ``microbatches`` restrict the search (the user's pins).
+    The best plan per (stages, B) pair is kept as ``alternatives``, best first.
+
+    >>> table = lambda i, j, d, b: [StageOption(mesh=C.MeshShape(axis_names=("data",), axis_sizes=(d,)),
+    ...     seconds=(j - i) / d / b, weight_bytes=0.0, activation_bytes=0.0)]
+    >>> solve_stages(4, 2, table, microbatches=[4], sizes=[1, 2]).describe()
+    '1 stages [0:4@2], B=4, 2 s'
+    >>> solve_stages(4, 2, table, microbatches=[4], sizes=[1, 2], num_stages=[2]).describe()
+    '2 stages [0:2@1, 2:4@1], B=4, 2.5 s'
+    """
+    sizes = list(sizes) if sizes is not None else submesh_sizes(num_devices, num_devices)
+    allowed_stages = sorted(set(num_stages)) if num_stages else list(range(1, num_layers + 1))
+    if max(allowed_stages) > num_layers:
+        raise ValueError(f"{max(allowed_stages)} pipeline stages requested but the model has only {num_layers} "
+                         f"layers to slice; ask for at most {num_layers} stages")
+    names = list(layer_names) if layer_names is not None else [str(i) for i in range(num_layers)]
+    found: list[PipelineChoice] = []
+    for b in microbatches:
+        options = _OptionTable(cost, b)
+        for stages in allowed_stages:
+            stage_sizes = sizes
+            if uniform:
+                if num_devices % stages or num_devices // stages not in sizes:
+                    continue
+                stage_sizes = [num_devices // stages]
+            choice = _dp(num_layers, num_devices, stages, b, options, stage_sizes, schedule, memory_budget, names)
+            if choice is not None:
+                found.append(choice)
+    if not found:
+        raise ValueError(_no_plan_message(num_layers, num_devices, microbatches, allowed_stages, memory_budget))
+    found.sort(key=lambda c: c.step_seconds)
+    return dataclasses.replace(found[0], alternatives=tuple(found[1:keep]))
+
+
+class _OptionTable(dict):
+    """(start, end, devices) -> options at B microbatches, costed on first use."""
+
+    def __init__(self, cost: StageCost, b: int):
+        super().__init__()
+        self.cost, self.b = cost, b
+
+    def __missing__(self, key):
+        self[key] = tuple(self.cost(*key, self.b))
+        return self[key]
+
+
+def _reachable(num_layers: int, num_stages: int, sizes: Sequence[int]):
+    """(start, end, devices) that can be one stage of a ``num_stages``-stage plan over all layers."""
+    for i in range(num_layers):
+        for j in range(i + 1, num_layers + 1):
+            for k in range(num_stages):  # stages before this one
+                after = num_stages - 1 - k
+                if (k == 0) == (i == 0) and k <= i and (after == 0) == (j == num_layers) \
+                        and after <= num_layers - j:
+                    yield from ((i, j, d) for d in sizes)
+                    break
+
+
+def _dp(num_layers: int, num_devices: int, num_stages: int, b: int, options: dict, sizes: Sequence[int],
+        schedule: str, budget: float, names: Sequence[str]) -> PipelineChoice | None:
+    """Exactly ``num_stages`` stages over all layers and devices; outer loop over t_max with Alpa's pruning."""
+    candidates = sorted({o.seconds for key in _reachable(num_layers, num_stages, sizes) for o in options[key]})
+    best: tuple[float, Any] | None = None
+    for t_max in candidates:
+        if best is not None and b * t_max >= best[0]:
+            break  # every plan whose slowest stage is >= t_max costs >= B * t_max (Alpa's early stop)
+        table = _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, budget, t_max)
+        entry = table.get((num_stages, 0, num_devices))
+        if entry is None:
+            continue
+        total = entry[0] + (b - 1) * t_max
+        if best is None or total < best[0] - 1e-15:
+            best = (total, entry)
+    if best is None:
+        return None
+    stages, (_, chain) = [], best[1]
+    remaining = num_stages
+    while chain is not None:
+        (i, j, d, option), chain = chain
+        stages.append(Stage(start=i, end=j, layers=tuple(names[i:j]), devices=d, mesh=option.mesh,
+                            seconds=option.seconds, memory_bytes=option.memory(in_flight(schedule, remaining, b)),
+                            in_flight=in_flight(schedule, remaining, b)))
+        remaining -= 1
+    step = pipeline_seconds([s.seconds for s in stages], b)
+    return PipelineChoice(stages=tuple(stages), microbatches=b, schedule=schedule, step_seconds=step)
+
+
+def _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, budget, t_max) -> dict:
+    """f[s, l, d]: least sum of t over s stages covering layers l.. on d devices, each t <= t_max."""
+    table: dict[tuple[int, int, int], tuple[float, Any]] = {(0, num_layers, 0): (0.0, None)}
+    for s in range(1, num_stages + 1):
+        keep = min(s, b) if schedule != "gpipe" else b
+        for start in range(num_layers - 1, -1, -1):
+            if (start == 0) != (s == num_stages) or start < num_stages - s:
+                continue  # no plan reaches layer ``start`` with ``s`` stages left
+            for d_total in range(1, num_devices + 1):
+                best = None
+                for end in range(start + 1, num_layers - s + 2):
+                    for d in sizes:
+                        rest = table.get((s - 1, end, d_total - d))
+                        if d > d_total or rest is None:
+                            continue
+                        option = _best_option(options[(start, end, d)], t_max, keep, budget)
+                        if option is None:
+                            continue
+                        total = option.seconds + rest[0]
+                        if best is None or total < best[0] - 1e-15:
+                            best = (total, ((start, end, d, option), rest[1]))
+                if best is not None:
+                    table[(s, start, d_total)] = best
+    return table
+
+
+def _best_option(opts: Sequence[StageOption], t_max: float, keep: int, budget: float) -> StageOption | None:
+    fitting = [o for o in opts if o.seconds <= t_max and o.memory(keep) <= budget]
+    return min(fitting, key=lambda o: o.seconds, default=None)
+
+
+def _no_plan_message(num_layers, num_devices, microbatches, stages, budget) -> str:
+    return (f"no pipeline plan fits: {num_layers} layers on {num_devices} devices with {list(stages)} stages and "
+            f"B in {list(microbatches)} under a memory budget of {budget / 2**30:.3g} GiB per device; allow more "
+            "stages or microbatches, more devices, or a larger memory_budget")
+
+
+# ---------------------------------------------------------------------------
+# Layers of a traced step, and stage costs from the intra-operator ILP.
+
+HEAVY_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+
+
+def layer_units(graph: G.Graph) -> list[tuple[str, ...]]:
+    """The step's pipeline layers: its Flax layers in order, those without a matmul or convolution
+    (embeddings, a final norm) merged into the next one (the last into the one before), so that
+    each layer has real work to balance.
+
+    >>> import jax, autoplan
+    >>> from autoplan._src.trace import trace
+    >>> spec = autoplan.models.get("gpt-tiny")
+    >>> layer_units(trace(spec.train_step, *spec.abstract_state(), spec.abstract_batch()))
+    [('wte', 'wpe', 'block0'), ('block1',), ('ln_f', 'head')]
+    """
+    heavy = {op.layer for op in graph.ops if op.primitive in HEAVY_PRIMITIVES and op.role == G.FORWARD}
+    units: list[list[str]] = []
+    pending: list[str] = []
+    for layer in graph.layers:
+        pending.append(layer)
+        if layer in heavy:
+            units.append(pending)
+            pending = []
+    if pending:
+        if units:
+            units[-1] += pending
+        else:
+            units.append(pending)
+    return [tuple(u) for u in units]
+
+
+def op_units(graph: G.Graph, units: Sequence[Sequence[str]]) -> list[int]:
+    """The pipeline layer of every op; ops outside any layer join their first consumer's layer."""
+    of_layer = {layer: k for k, unit in enumerate(units) for layer in unit}
+    result = [of_layer.get(op.layer, -1) for op in graph.ops]
+    for op in reversed(graph.ops):
+        if result[op.id] >= 0:
+            continue
+        consumers = [result[c] for t in op.outputs for c, _ in graph.consumers[t] if result[c] >= 0]
+        result[op.id] = min(consumers) if consumers else len(units) - 1
+    return result
+
+
+def sub_graph(graph: G.Graph, keep: set[int], layers: Sequence[str]) -> G.Graph:
+    """The ops ``keep`` as a graph of their own: operands from elsewhere become inputs, results used
+    elsewhere (activations to the next stage, gradients to the optimizer) become outputs."""
+    ops: list[G.Op] = []
+    tensors: list[G.Tensor] = []
+    new_id: dict[int, int] = {}
+    input_ops, output_ops, input_paths, output_paths = [], [], [], []
+
+    def add(op: G.Op, inputs: tuple[int, ...], **changes) -> G.Op:
+        outputs = []
+        for k, t in enumerate(op.outputs):
+            source = graph.tensors[t]
+            tensors.append(G.Tensor(id=len(tensors), shape=source.shape, dtype=source.dtype, producer=len(ops),
+                                    output_index=k))
+            new_id[t] = len(tensors) - 1
+            outputs.append(len(tensors) - 1)
+        made = dataclasses.replace(op, id=len(ops), inputs=inputs, outputs=tuple(outputs), **changes)
+        ops.append(made)
+        return made
+
+    for op in graph.ops:
+        if op.id not in keep:
+            continue
+        for t in op.inputs:
+            if t == G.LITERAL or t in new_id:
+                continue
+            tensor = graph.tensors[t]
+            producer = graph.ops[tensor.producer]
+            path = producer.path if producer.role == G.INPUT else f"boundary/t{t}"
+            stub = G.Op(id=0, primitive="input", inputs=(), outputs=(t,), input_shapes=(), input_dtypes=(),
+                        output_shapes=(tensor.shape,), output_dtypes=(tensor.dtype,), role=G.INPUT,
+                        layer=producer.layer, path=path,
+                        signature=("input", (), (), (), (tensor.shape,), (tensor.dtype,)))
+            input_ops.append(add(stub, ()).id)
+            input_paths.append(path)
+        add(op, tuple(t if t == G.LITERAL else new_id[t] for t in op.inputs))
+    for t_old, t_new in list(new_id.items()):
+        tensor = graph.tensors[t_old]
+        if tensor.producer not in keep:
+            continue
+        if all(c in keep for c, _ in graph.consumers[t_old]) and graph.consumers[t_old]:
+            continue
+        out = G.Op(id=len(ops), primitive="output", inputs=(t_new,), outputs=(), input_shapes=(tensor.shape,),
+                   input_dtypes=(tensor.dtype,), output_shapes=(), output_dtypes=(), role=G.OUTPUT,
+                   layer=graph.ops[tensor.producer].layer, path=f"boundary/t{t_old}",
+                   signature=("output", (), (tensor.shape,), (tensor.dtype,), (), ()))
+        ops.append(out)
+        output_ops.append(out.id)
+        output_paths.append(out.path)
+    return G.Graph(ops=ops, tensors=tensors, input_ops=input_ops, output_ops=output_ops, input_tree=None,
+                   output_tree=None, input_paths=input_paths, output_paths=output_paths, aliases={},
+                   layers=[layer for layer in graph.layers if layer in set(layers)])
+
+
+def _structure(graph: G.Graph, ops: Sequence[int]) -> tuple:
+    """What makes two layer ranges the same problem: their ops' signatures and how they connect."""
+    local = {op_id: k for k, op_id in enumerate(ops)}
+    return tuple((graph.ops[i].signature, tuple(None if t == G.LITERAL else local.get(graph.tensors[t].producer, -1)
+                                                for t in graph.ops[i].inputs)) for i in ops)
+
+
+def logical_meshes(devices: int) -> list[C.MeshShape]:
+    """Every (data, model) factorization of a submesh's devices.
+
+    >>> [m.axis_sizes for m in logical_meshes(4)]
+    [(4, 1), (2, 2), (1, 4)]
+    """
+    return [C.MeshShape(axis_names=("data", "model"), axis_sizes=(devices // m, m))
+            for m in range(1, devices + 1) if devices % m == 0]
+
+
+class GraphStageCosts:
+    """A `StageCost` from traced graphs: the intra-operator ILP of a layer range's forward and backward
+    ops, traced at the microbatch size, on every logical mesh of the submesh.
+
+    ``trace_at(microbatches)`` returns the step's `Graph` with the batch cut into
+    that many microbatches (the graph of one microbatch).  Layer ranges whose ops
+    are structurally identical (same primitives, shapes and parameters in the
+    same order, e.g. blocks 1-2 and blocks 2-3 of a transformer) are solved once.
+    ``seconds`` is the ILP's time of one microbatch with the weight-gradient
+    reductions divided by ``B`` (they run once per step), plus the point-to-point
+    time of receiving the range's inputs from neighbouring stages; it leaves out
+    the optimizer update, which runs once per step;
+    ``weight_bytes`` counts the stage's parameters, gradients and optimizer state
+    (every step input of its layers but the batch), split as the ILP splits the
+    parameters.
+    """
+
+    def __init__(self, trace_at: Callable[[int], G.Graph], cluster: C.Cluster, *, time_limit: float = 30.0,
+                 batch_prefix: str = "batch", meshes: Callable[[int], list[C.MeshShape]] | None = None):
+        self.trace_at, self.cluster, self.time_limit = trace_at, cluster, time_limit
+        self.meshes = meshes or logical_meshes
+        self.total_devices: int | None = None  # devices of the whole pipeline, when known
+        self.batch_prefix = batch_prefix
+        self._graphs: dict[int, tuple[G.Graph, list[tuple[str, ...]], list[int]]] = {}
+        self._cache: dict[tuple, tuple[StageOption, ...]] = {}
+        self.solves = 0
+
+    def units(self, microbatches: int = 1) -> list[tuple[str, ...]]:
+        return self._graph(microbatches)[1]
+
+    def _graph(self, b: int):
+        if b not in self._graphs:
+            graph = self.trace_at(b)
+            units = layer_units(graph)
+            self._graphs[b] = (graph, units, op_units(graph, units))
+        return self._graphs[b]
+
+    def __call__(self, start: int, end: int, devices: int, microbatches: int) -> tuple[StageOption, ...]:
+        graph, units, unit_of = self._graph(microbatches)
+        keep = {op.id for op in graph.ops if start <= unit_of[op.id] < end and op.role in (G.FORWARD, G.BACKWARD)}
+        key = (_structure(graph, sorted(keep)), devices, microbatches)
+        if key in self._cache:
+            return self._cache[key]
+        layers = [layer for unit in units[start:end] for layer in unit]
+        sub = sub_graph(graph, keep, layers)
+        state = sum(graph.tensors[graph.ops[i].outputs[0]].nbytes for i in graph.input_ops  # params, opt state
+                    if start <= unit_of[i] < end and not graph.ops[i].path.startswith(self.batch_prefix))
+        options = []
+        for mesh in self.meshes(devices):
+            plan, sync = self._solve(sub, mesh, f"layers {start}:{end}")
+            params = [leaf for leaf in plan.inputs if not leaf.path.startswith("boundary/")]
+            param_bytes = sum(leaf.nbytes for leaf in params)
+            fraction = sum(leaf.device_bytes(mesh) for leaf in params) / param_bytes if param_bytes else 1.0
+            boundary = sum(leaf.device_bytes(mesh) for leaf in plan.inputs if leaf.path.startswith("boundary/"))
+            # Weight-gradient reductions run once per step: 1/B of them per microbatch (as Alpa prices them),
+            # so B microbatches through the slowest stage pay them once.
+            seconds = plan.cost.step_seconds - sync + sync / microbatches + self._receive_seconds(plan, mesh)
+            options.append(StageOption(mesh=mesh, seconds=seconds,
+                                       weight_bytes=(state + param_bytes) * fraction,
+                                       activation_bytes=max(plan.cost.memory_bytes - param_bytes * fraction, 0.0)
+                                       + boundary, detail=plan))
+        self._cache[key] = tuple(options)
+        return self._cache[key]
+
+    def _solve(self, sub: G.Graph, mesh: C.MeshShape, name: str):
+        """The ILP's plan of a sub-graph, and the seconds of its weight-gradient collectives."""
+        from autoplan._src import api
+        from autoplan._src import intra
+        from autoplan._src.strategies import base as S
+
+        options = intra.SolveOptions(memory_budget=None, time_limit=self.time_limit)
+        problem = intra.build_problem(sub, S.Context(mesh=mesh, cluster=self.cluster), options)
+        solution = intra.solve(problem, options)
+        self.solves += 1
+        sync, groups = 0.0, {}
+        for i in intra.combined_ops(sub):  # as `api.evaluate` prices them: latency once per (kind, axes)
+            strategy = problem.strategies[i][solution.op_strategy[i]]
+            combined = intra.combined_latency(strategy, problem.ctx)
+            sync += sum(col.seconds - combined.get((col.kind, tuple(col.axes)), 0.0) for col in strategy.collectives)
+            groups.update(combined)
+        sync += sum(groups.values())
+        return api.build_plan(name, sub, problem, solution, None), sync
+
+    def _receive_seconds(self, plan, mesh: C.MeshShape) -> float:
+        """Point-to-point time to receive the stage's activations and cotangents for one microbatch.
+
+        Every value the layer range reads from other layers arrives from a neighbouring stage.  Once the
+        pipeline spans nodes (``total_devices`` above a node) some boundary crosses them, and every
+        stage is priced at the inter-node link (conservative: the DP cannot see where boundaries fall).
+        """
+        cluster = self.cluster
+        spanned = self.total_devices if self.total_devices is not None else mesh.size
+        bandwidth = cluster.inter_node_bandwidth if spanned > cluster.devices_per_node or \
+            mesh.size >= cluster.devices_per_node else cluster.intra_node_bandwidth
+        leaves = [leaf for leaf in plan.inputs if leaf.path.startswith("boundary/") and leaf.shape]
+        return sum(cluster.latency + leaf.device_bytes(mesh) / bandwidth for leaf in leaves)
+
+
+# ---------------------------------------------------------------------------
+# `autoplan.plan(..., stages=, microbatches=, schedule=)`.
+
+
+def _stage_mesh(mesh: C.MeshShape | None, stages: int | None) -> tuple[int | None, C.MeshShape | None]:
+    """(stage count, the mesh inside one stage) that a pinned ``mesh=`` fixes."""
+    if mesh is None:
+        return stages, None
+    if "stage" not in mesh.axis_names:
+        if stages is not None and stages > 1:
+            raise ValueError(
+                f"mesh= pins {mesh.as_dict()}, which has no 'stage' axis, but stages={stages} forces a pipeline; "
+                f"add a leading 'stage' axis of size {stages} (e.g. jax.make_mesh(({stages}, "
+                f"{mesh.size // stages}), ('stage', 'data'))), or drop mesh= and pass num_devices={mesh.size}")
+        return 1, mesh
+    size = mesh.axis_size("stage")
+    if stages is not None and stages != size:
+        raise ValueError(f"stages={stages} but the pinned mesh's 'stage' axis has size {size}; make them agree")
+    inner = [(n, k) for n, k in zip(mesh.axis_names, mesh.axis_sizes) if n != "stage"] or [("data", 1)]
+    return size, C.MeshShape(axis_names=tuple(n for n, _ in inner), axis_sizes=tuple(k for _, k in inner))
+
+
+def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluster,
+                  memory_budget: float, stages: int | None = None, microbatches: int | None = None,
+                  schedule: str | None = None, time_limit: float = 60.0, static_argnums: Sequence[int] = ()):
+    """Plan ``fn(*args)`` as a pipeline: the stage DP over the step's layers, stage costs from the ILP.
+
+    The batch is the last argument (every leaf split along its leading axis).
+    Stages get equal submeshes (the SPMD runtime's ``stage`` axis); pinned
+    ``stages`` / ``microbatches`` / ``schedule`` restrict the search.  The
+    returned `Plan` carries the stages, schedule, microbatches, bubble
+    fraction, the pipeline's predicted cost and runner-up plans
+    (``plan.alternatives``); its leaf shardings are the intra-operator plan
+    of the whole step on one stage's logical mesh.
+    """
+    import jax
+
+    from autoplan._src import api
+    from autoplan._src import plan as P
+    from autoplan._src import trace as T
+
+    if static_argnums:
+        raise ValueError("pipeline planning (stages=, microbatches=, schedule=) does not take static_argnums yet; "
+                         "close over static values instead")
+    schedule = schedule or "1f1b"
+    if schedule not in PL.SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {PL.SCHEDULES}")
+    pinned = C.MeshShape.from_mesh(mesh) if mesh is not None else None
+    stages, inner = _stage_mesh(pinned, stages)
+    total = pinned.size if pinned is not None else (num_devices or len(jax.devices()))
+    if stages is not None and (stages < 1 or total % stages):
+        raise ValueError(f"stages={stages} does not divide the {total} devices into equal submeshes; "
+                         f"pick a divisor of {total}")
+    names = T._argument_names(fn, len(args))
+    batch_leaves = jax.tree_util.tree_leaves(args[-1])
+    if not batch_leaves or not batch_leaves[0].shape:
+        raise PL.MicrobatchError(f"the last argument ({names[-1]!r}) is the batch and needs array leaves with a "
+                                 "leading batch axis to be cut into microbatches")
+    examples = batch_leaves[0].shape[0]
+    counts = [microbatches] if microbatches else [b for b in (1, 2, 4, 8, 16) if examples % b == 0]
+    for b in counts:
+        PL.microbatch_shapes(args, len(args) - 1, b, names)  # a clear error for a batch B does not divide
+
+    def trace_at(b: int) -> G.Graph:
+        return T.trace(fn, *PL.microbatch_shapes(args, len(args) - 1, b, names))
+
+    meshes = (lambda d: [inner]) if inner is not None else None
+    cost = GraphStageCosts(trace_at, cluster, time_limit=time_limit, batch_prefix=names[-1], meshes=meshes)
+    cost.total_devices = total
+    units = cost.units(counts[0])
+    candidates = [stages] if stages else [s for s in (1, 2, 4, 8, 16, 32) if s <= len(units) and total % s == 0]
+    sizes = sorted({total // s for s in candidates})
+    choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=schedule,
+                          memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
+                          layer_names=["+".join(u) for u in units])
+    return _pipeline_plan(choice, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
+
+
+def _pipeline_plan(choice: PipelineChoice, cost: GraphStageCosts, graph: G.Graph, cluster: C.Cluster,
+                   budget: float, time_limit: float, api, P):
+    first = choice.stages[0]
+    base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
+    mesh = first.mesh if len(choice.stages) == 1 else C.MeshShape(
+        axis_names=("stage", *first.mesh.axis_names), axis_sizes=(len(choice.stages), *first.mesh.axis_sizes))
+    plans = [next(o.detail for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
+             for s in choice.stages]
+    busy = sum(s.seconds for s in choice.stages)
+    comm_share = sum(p.cost.communication_seconds for p in plans) / busy if busy else 0.0
+    step = choice.step_seconds
+    act_bytes = max((leaf.nbytes for p in plans[1:] for leaf in p.inputs if leaf.path.startswith("boundary/")),
+                    default=0.0)
+    # The SPMD runtime sends one activation and one cotangent every tick of the schedule (`Pipeline.p2p_bytes`).
+    ticks = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=choice.microbatches).num_ticks \
+        if len(choice.stages) > 1 and choice.schedule != "interleaved" else 0
+    p2p = 2.0 * ticks * act_bytes
+    pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
+                           communication_seconds=step * comm_share,
+                           communication_bytes=choice.microbatches * max(p.cost.communication_bytes for p in plans)
+                           + p2p, memory_bytes=max(s.memory_bytes for s in choice.stages))
+    return dataclasses.replace(
+        base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
+        microbatches=choice.microbatches, alternatives=choice.alternatives,
+        solver={**base.solver, "stage_solves": cost.solves})
+
+
+def evaluate_layout(cost: StageCost, bounds: Sequence[tuple[int, int]], devices: Sequence[int], microbatches: int,
+                    *, schedule: str = "1f1b", layer_names: Sequence[str] | None = None) -> PipelineChoice:
+    """The cost model's verdict on a given layout (a hand pipeline): each stage's fastest logical mesh.
+
+    >>> table = lambda i, j, d, b: [StageOption(mesh=C.MeshShape(axis_names=("data",), axis_sizes=(d,)),
+    ...     seconds=(j - i) / d / b, weight_bytes=0.0, activation_bytes=0.0)]
+    >>> evaluate_layout(table, [(0, 2), (2, 4)], [1, 1], 4).step_seconds
+    2.5
+    """
+    names = list(layer_names) if layer_names is not None else [str(i) for i in range(bounds[-1][1])]
+    stages = []
+    for k, ((i, j), d) in enumerate(zip(bounds, devices)):
+        keep = in_flight(schedule, len(bounds) - k, microbatches)
+        option = min(cost(i, j, d, microbatches), key=lambda o: o.seconds)
+        stages.append(Stage(start=i, end=j, layers=tuple(names[i:j]), devices=d, mesh=option.mesh,
+                            seconds=option.seconds, memory_bytes=option.memory(keep), in_flight=keep))
+    return PipelineChoice(stages=tuple(stages), microbatches=microbatches, schedule=schedule,
+                          step_seconds=pipeline_seconds([s.seconds for s in stages], microbatches))
