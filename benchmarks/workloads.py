@@ -416,7 +416,7 @@ class WideMLP(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         for i in range(self.layers):
-            x = x + nn.Dense(d, name=f"block{i}_out")(nn.relu(nn.Dense(self.hidden, name=f"block{i}_in")(x)))
+            x = x + nn.Dense(d, name="wo")(nn.relu(nn.Dense(self.hidden, name="wi")(x)))
         return x
 
 
