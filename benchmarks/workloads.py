@@ -297,7 +297,7 @@ class EinsumMoE(nn.Module):
         top1 = top1 * (pos1 < capacity)
         pos2 = (jnp.cumsum(top2, axis=1) - 1 + top1.sum(axis=1, keepdims=True)) * top2
         top2 = top2 * (pos2 < capacity)
-        slot = lambda mask, pos: mask[..., None] * jax.nn.one_hot(pos, capacity)  # noqa: E731
+        slot = lambda mask, pos: mask[..., None] * jax.nn.one_hot(pos.astype(jnp.int32), capacity)  # noqa: E731
         dispatch = slot(top1, pos1) + slot(top2, pos2)  # [g, s, e, c]
         combine = (probs * top1)[..., None] * slot(top1, pos1) + (probs * top2)[..., None] * slot(top2, pos2)
         expert_in = jnp.einsum("gsec,gsd->egcd", dispatch, x)
