@@ -43,9 +43,11 @@ Run: python benchmarks/plan_quality.py [--suite zoo|wide|all] [--models gpt-smal
                                        [--meshes 8,2x4,4x2] [--clusters a100-8x,a100-4x] [--quick]
                                        [--no-pinned] [--dump-hlo DIR] [--mock-gpus]
 Writes benchmarks/results/plan_quality.{csv,md,png} (one row per workload) and
-plan_quality_all.csv (one row per plan: autoplan and every baseline); with
---mock-gpus, plan_quality_gpu.*.  On 8 fake CPU devices by default; nothing
-executes, programs are only compiled.
+plan_quality_all.csv (one row per program: autoplan, every baseline, hand and pinned
+strategy); ``--suite wide`` writes plan_quality_wide.* and ``--suite all`` plan_quality_zoo_wide.*;
+with --mock-gpus, plan_quality_gpu*.  Results so far are
+rewritten after every row, so an interrupted sweep keeps its rows.  On 8 fake CPU devices
+by default; nothing executes, programs are only compiled.
 """
 
 from __future__ import annotations
@@ -750,7 +752,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     models, meshes, clusters = pick(args.models, "models"), pick(args.meshes, "meshes"), pick(args.clusters, "clusters")
     command = "python benchmarks/plan_quality.py" + ("" if argv is None and len(sys.argv) == 1 else
                                                      " " + " ".join(sys.argv[1:] if argv is None else argv))
-    stem = ("plan_quality_gpu" if args.mock_gpus else "plan_quality") + ("" if args.suite == "zoo" else f"_{args.suite}")
+    stem = (("plan_quality_gpu" if args.mock_gpus else "plan_quality")
+            + {"zoo": "", "wide": "_wide", "all": "_zoo_wide"}[args.suite])  # not "_all": plan_quality_all.csv exists
     start = time.perf_counter()
 
     def partial(summary, everything):  # results so far, so that an interrupted sweep still leaves its rows
