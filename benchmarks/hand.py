@@ -200,7 +200,8 @@ class _Walker:
                                               primitive="dot_general"))
                     k = offset + free.index(split)
                     out[k] = out[k] | self._column_label(leaf)
-                out = [labels | {_HIDDEN} for labels in out]
+        if self._leaf_dims(lhs) or self._leaf_dims(rhs):
+            out = [labels | {_HIDDEN} for labels in out]
         return tuple(out)
 
     def conv(self, eqn, vals):
@@ -222,6 +223,7 @@ class _Walker:
                 out[out_spec[1]] = out[out_spec[1]] | self._column_label(leaf)
             else:
                 self._set_role(leaf, Role(kind="other", primitive="conv_general_dilated"))
+        if self._leaf_dims(rhs):
             out = [labels | {_HIDDEN} for labels in out]
         return tuple(out)
 
