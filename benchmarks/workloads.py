@@ -35,7 +35,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 SIZES = ("tiny", "bench")
@@ -176,12 +175,11 @@ class FlaxGPT(nn.Module):
         return nn.Dense(self.vocab, use_bias=False)(x)
 
 
-def flax_gpt(size="tiny", *, optimizer=None, layers=None):
+def flax_gpt(size="tiny", *, optimizer=None):
     batch, length, vocab, width, n, heads = {"tiny": (8, 16, 64, 32, 2, 4),
                                              "bench": (64, 1024, 32768, 1024, 4, 16)}[size]
-    n = layers or n
     shapes, draw = _tokens(batch, length, vocab, "tokens")
-    return _flax_workload(f"flax-gpt-{size}" if layers is None else f"flax-gpt{n}-{size}",
+    return _flax_workload(f"flax-gpt-{size}",
                           FlaxGPT(vocab, length, width, n, heads), lambda b: (b["tokens"],),
                           lambda logits, b: _next_token_loss(logits, b["tokens"]), shapes, draw,
                           optimizer or make_optimizer())
@@ -603,8 +601,3 @@ def is_workload(name: str) -> bool:
     """Whether ``get`` accepts ``name`` (with or without a size suffix)."""
     base = next((name[: -len(s) - 1] for s in SIZES if name.endswith("-" + s)), name)
     return base in BUILDERS
-
-
-def as_numpy_tree(tree):
-    """Host copies of a pytree's arrays (to compare results of programs that donate their inputs)."""
-    return jax.tree.map(np.asarray, tree)
