@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/plan_quality.py: one tiny workload, every planner, well-formed outputs."""
+"""Smoke test of benchmarks/plan_quality.py: one tiny workload, every planner and hand strategy, well-formed outputs."""
 
 import csv
 import importlib.util
@@ -24,7 +24,7 @@ pq = _load("plan_quality")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    summary, everything = pq.run(["mlp-tiny"], ["2x4"], ["a100-8x"], progress=False, log=lambda _: None)
+    summary, everything = pq.run(["wide-mlp-tiny"], ["2x4"], ["a100-8x"], progress=False, log=lambda _: None)
     out = tmp_path_factory.mktemp("plan_quality")
     paths = pq.write_results(summary, everything, str(out), command="pytest", wall_seconds=1.0)
     return summary, everything, paths
@@ -34,7 +34,13 @@ def test_workload_helpers():
     assert pq.parse_mesh("8") == ((8,), ("data",))
     assert pq.parse_mesh("2x4") == ((2, 4), ("data", "model"))
     assert "megatron_dp" not in pq.planners_for(("data",))
-    assert pq.planners_for(("data", "model")) == ["autoplan", *autoplan.baselines.ALL]
+    assert pq.planners_for(("data", "model"), hand_strategies=False) == ["autoplan", *autoplan.baselines.ALL]
+    assert pq.planners_for(("data", "model")) == ["autoplan", *autoplan.baselines.ALL,
+                                                  *(pq.HAND + s for s in pq.hand.STRATEGIES),
+                                                  *(pq.PINNED + s for s in pq.hand.STRATEGIES)]
+    assert pq.get_workload("wide-mlp-bench").name == "wide-mlp-bench"
+    assert pq.get_workload("mlp-tiny") is autoplan.models.get("mlp-tiny")
+    assert set(pq.SUITES["all"]) == set(pq.MODELS) | set(pq.WIDE) and "hf-gpt2-bench" in pq.WIDE
     four = pq.get_cluster("a100-4x")
     assert four.devices_per_node == 4 and four.name == "a100-4x"
     assert four.inter_node_bandwidth == autoplan.clusters["a100-8x"].inter_node_bandwidth
@@ -44,9 +50,12 @@ def test_workload_helpers():
 
 def test_every_planner_measured(tiny):
     summary, everything, _ = tiny
-    assert [r["planner"] for r in everything] == ["autoplan", *autoplan.baselines.ALL]
-    assert all(r["status"] == "ok" for r in everything), [r["error"] for r in everything]
-    for r in everything:
+    assert [r["planner"] for r in everything] == pq.planners_for(("data", "model"))
+    by_name = {r["planner"]: r for r in everything}
+    for name in ("hand:expert_parallel", "pinned:expert_parallel"):  # an MLP has no experts: skipped, not crashed
+        assert by_name.pop(name)["status"] == "skipped"
+    assert all(r["status"] == "ok" for r in by_name.values()), [r["error"] for r in by_name.values()]
+    for r in by_name.values():
         assert r["step_seconds"] == pytest.approx(r["compute_seconds"] + r["communication_seconds"])
         assert r["memory_upper_bytes"] == pytest.approx(
             r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"])
@@ -58,14 +67,26 @@ def test_every_planner_measured(tiny):
 def test_ratio_and_errors_come_from_the_reports(tiny):
     summary, everything, _ = tiny
     (row,) = summary
-    auto, baselines = everything[0], everything[1:]
-    best = min(baselines, key=lambda r: r["step_seconds"])
-    assert row["best_baseline"] == best["planner"]
-    assert row["ratio"] == pytest.approx(auto["step_seconds"] / min(r["step_seconds"] for r in baselines))
-    assert row["meets_target"] == (row["ratio"] <= 1.0 + 1e-9)
+    auto = everything[0]
+    ok = [r for r in everything[1:] if r["status"] == "ok"]
+    hands = [r for r in ok if r["planner"].startswith(pq.HAND)]
+    baselines = [r for r in ok if r["planner"] in autoplan.baselines.ALL]
+    assert len(hands) == 5 and len(baselines) == len(autoplan.baselines.ALL)
+    best = min(hands, key=lambda r: r["step_seconds"])
+    assert row["best_hand"] == best["planner"][len(pq.HAND):]
+    assert row["ratio"] == pytest.approx(auto["step_seconds"] / best["step_seconds"])
+    assert row["ratio_baseline"] == pytest.approx(auto["step_seconds"] / min(r["step_seconds"] for r in baselines))
+    assert row["meets_target"] == (row["ratio"] <= 1.0 + pq.RATIO_SLACK)
     assert row["autoplan_step_ms"] == pytest.approx(auto["step_seconds"] * 1e3)
     assert row["ratio_hlo"] == pytest.approx(
-        auto["hlo_step_seconds"] / min(r["hlo_step_seconds"] for r in baselines))
+        auto["hlo_step_seconds"] / min(r["hlo_step_seconds"] for r in hands))
+    by_name = {r["planner"]: r for r in everything}
+    for strategy in ("data_parallel", "megatron"):
+        plain, pinned = by_name[pq.HAND + strategy], by_name[pq.PINNED + strategy]
+        assert pinned["step_ratio_to_hand"] == pytest.approx(pinned["step_seconds"] / plain["step_seconds"])
+        assert "predicted_step_seconds" in pinned and "predicted_step_seconds" not in plain
+    assert row["worst_pinned_ratio"] == pytest.approx(max(r["step_ratio_to_hand"] for r in ok
+                                                          if "step_ratio_to_hand" in r))
     assert row["memory_rel_err"] == pytest.approx(
         (auto["predicted_memory_bytes"] - auto["memory_upper_bytes"]) / auto["memory_upper_bytes"])
     assert row["comm_rel_err"] == pytest.approx(
@@ -86,7 +107,8 @@ def test_output_files(tiny):
     assert [r["planner"] for r in rows] == [r["planner"] for r in everything]
     assert list(rows[0]) == list(pq.ALL_FIELDS)
     text = open(paths[".md"]).read()
-    assert "| model | mesh | cluster | autoplan ms |" in text
-    assert "Rows meeting ratio <= 1.00" in text and "mlp-tiny | 2x4 | a100-8x" in text
+    assert "| model | mesh | cluster | autoplan ms | best hand |" in text
+    assert "Rows meeting ratio (vs best hand strategy) <= 1.00" in text and "wide-mlp-tiny | 2x4 | a100-8x" in text
+    assert "| wide-mlp-tiny | 2x4 | a100-8x | megatron |" in text  # plain jit vs pinned through the emitter
     if importlib.util.find_spec("matplotlib") is not None:
         assert os.path.getsize(paths[".png"]) > 1000
