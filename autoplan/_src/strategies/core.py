@@ -248,7 +248,7 @@ def dot_general(op: G.Op, ctx: Context) -> list[Strategy]:
             continue
         nbytes = ctx.device_bytes(out_shape, out_dtype, base)
         # XLA reduces each split contracting dim's partial sums on its own.
-        ars = tuple(ctx.collective("all-reduce", nbytes, axes) for axes in contracted_groups)
+        ars = tuple(c for c in (ctx.collective("all-reduce", nbytes, axes) for axes in contracted_groups) if c)
         out.append(Strategy(name=f"{label} all-reduce", output_specs=(base,), input_specs=ins,
                             compute_seconds=compute, collectives=ars))
         if len(contracted_groups) == 1:
