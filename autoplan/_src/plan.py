@@ -323,7 +323,8 @@ class Plan:
                 op_strategies=tuple(data["op_strategies"]),
                 collectives=tuple(CollectiveUse(**(c | {"axes": tuple(c["axes"])})) for c in data["collectives"]),
                 cost=C.Cost(**data["cost"]), memory_budget=data["memory_budget"], solver=dict(data["solver"]),
-                fingerprint=data["fingerprint"], cluster_origin=data.get("cluster_origin", ""))
+                fingerprint=data["fingerprint"], cluster_origin=data.get("cluster_origin", ""),
+                **_pipeline_fields(data))
         except (KeyError, TypeError) as err:
             raise ValueError(f"malformed plan file: {type(err).__name__}: {err}") from err
 
