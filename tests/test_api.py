@@ -1,5 +1,7 @@
 """`autoplan.plan` options: user-pinned input layouts (``in_shardings``) and their errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,3 +68,29 @@ def test_a_dim_the_axes_do_not_divide_is_refused():
     x = jax.ShapeDtypeStruct((6, 8), jnp.float32)
     with pytest.raises(ValueError, match=r"in_shardings for 'x'.*dimension 0 \(size 6\).*\('model',\)"):
         autoplan.plan(lambda x: (x * 2).sum(), x, mesh=MESH, in_shardings=(P("model"),))
+
+
+def test_a_time_limited_ilp_never_returns_a_plan_slower_than_data_parallel(monkeypatch):
+    """When the solve stops at its time limit above a manual plan (same search space, pinned), the manual
+    plan is returned, with a warning and a solver record saying so."""
+    from autoplan._src import api
+
+    spec, args = _mlp()
+    original = api.plan_graph
+    slow = autoplan.baselines.zero1(spec.train_step, *args, mesh=MESH, cluster="a100-8x")
+    calls = []
+
+    def first_call_time_limited(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:  # the free solve: stopped early, above data parallel
+            return dataclasses.replace(slow, name="autoplan", solver={**slow.solver, "status": "feasible"})
+        return original(*a, **k)
+
+    monkeypatch.setattr(api, "plan_graph", first_call_time_limited)
+    with pytest.warns(autoplan.PlanningTimeoutWarning, match="data_parallel is predicted"):
+        plan = autoplan.plan(spec.train_step, *args, mesh=MESH, cluster="a100-8x")
+    dp = autoplan.baselines.data_parallel(spec.train_step, *args, mesh=MESH, cluster="a100-8x")
+    assert plan.cost.step_seconds == pytest.approx(dp.cost.step_seconds)
+    assert dp.cost.step_seconds < slow.cost.step_seconds
+    assert plan.solver["taken_from"] == "data_parallel" and plan.name == "autoplan"
+    assert plan.input_specs == dp.input_specs
