@@ -78,7 +78,6 @@ if __name__ == "__main__":  # before the backend starts; the tests' conftest doe
 import numpy as np
 
 import autoplan
-from autoplan._src import baselines as baseline_plans
 from autoplan._src import hlo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -189,22 +188,14 @@ def get_workload(name: str):
     return autoplan.models.get(name)
 
 
-def _spec_tuple(spec: jax.sharding.PartitionSpec, rank: int) -> tuple[tuple[str, ...], ...]:
-    entries = list(spec) + [None] * (rank - len(spec))
-    return tuple(() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in entries)
-
-
 def pinned_planner(strategy: str):
     """An autoplan planner that pins every input to the hand strategy's spec and plans the rest (ILP)."""
 
     def planner(fn, *args, mesh=None, cluster=None, static_argnums=()):
         in_specs, _ = hand.shardings(strategy, fn, args, mesh)
-        setup = baseline_plans._setup(fn, args, mesh, cluster, static_argnums)
-        leaves = jax.tree.leaves(in_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-        if len(leaves) != len(setup.graph.input_paths):
-            raise ValueError(f"{len(leaves)} hand specs for {len(setup.graph.input_paths)} traced inputs")
-        specs = {i: _spec_tuple(spec, len(setup.shape(i))) for i, spec in enumerate(leaves)}
-        return setup.solve(PINNED + strategy, specs)
+        plan = autoplan.plan(fn, *args, mesh=mesh, cluster=cluster, static_argnums=static_argnums,
+                             in_shardings=in_specs)
+        return dataclasses.replace(plan, name=PINNED + strategy)
 
     return planner
 
