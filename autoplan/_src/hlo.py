@@ -565,7 +565,8 @@ def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
     """
     mesh = C.MeshShape.from_mesh(mesh)
     cluster = C.get_cluster(cluster)
-    colls = tuple(collectives(compiled, mesh, device_positions=device_positions))
+    text = _hlo_text(compiled)  # printing a large module is slow: once, for collectives and matmul rate
+    colls = tuple(collectives(text, mesh, device_positions=device_positions))
     costs = _cost_analysis(compiled)
     memory = _memory_analysis(compiled)
     flops = float(costs.get("flops", 0.0))
@@ -575,7 +576,7 @@ def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
     if peak < memory["temp_size_in_bytes"]:  # XLA:CPU reports arguments + outputs alone: not a peak
         peak = 0.0
     bytes_accessed = float(costs.get("bytes accessed", 0.0))
-    rate = cluster.flops_for(matmul_dtypes) if matmul_dtypes else matmul_rate(_hlo_text(compiled), cluster)
+    rate = cluster.flops_for(matmul_dtypes) if matmul_dtypes else matmul_rate(text, cluster)
     compute = flops / rate + bytes_accessed / cluster.memory_bandwidth
     comm = communication_seconds(colls, mesh, cluster)
     return CompiledReport(
