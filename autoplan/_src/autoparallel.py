@@ -134,7 +134,7 @@ class AutoParallel:
             shape = C.MeshShape.from_mesh(mesh)
             plan = api.plan_graph(graph, shape, cluster, memory_budget=budget, time_limit=self._time_limit,
                                   pinned=api.pinned_inputs(graph, self._in_shardings, shape))
-            if self._in_shardings is None and plan.solver.get("status") != "optimal":
+            if self._in_shardings is None:
                 plan = api.no_worse_than_baselines(plan, self._fun, args, self._static_argnums, budget)
         else:
             mesh = self._device_mesh()
