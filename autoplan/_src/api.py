@@ -373,6 +373,6 @@ def no_worse_than_baselines(best: P.Plan, fn, args, static_argnums, budget: floa
                           f"{name} is predicted at {rival.cost.step_seconds:.3g} s and is used instead "
                           "(raise time_limit= to search longer)", intra.PlanningTimeoutWarning, stacklevel=3)
             best = dataclasses.replace(rival, name=best.name,
-                                       solver={**rival.solver, "replaced_time_limited_ilp": best.solver,
-                                               "taken_from": name})
+                                       solver={**rival.solver, "status": best.solver.get("status", "feasible"),
+                                               "replaced_time_limited_ilp": best.solver, "taken_from": name})
     return best

@@ -20,11 +20,11 @@ Conventions (they match `autoplan._src.cluster`):
 * Asynchronous pairs are counted at their ``-start`` half; ``-done`` halves
   are skipped.  Collectives wrapped by ``async-start`` live in their own
   called computation and are counted there, once.
-* Collectives inside while-loop bodies and other called computations are
-  counted once, as written, whatever the trip count.  XLA's own
-  ``cost_analysis()`` also counts a while body once, so flops and
-  communication agree with each other, but both understate a loop that runs
-  many times.
+* Collectives inside while-loop bodies are counted once per iteration:
+  ``HloCollective.repeats`` is the product of the ``known_trip_count`` of the
+  loops around it (1 where XLA printed none), and `communication_seconds`
+  and ``CompiledReport.communication_bytes`` multiply by it.  XLA's own
+  ``cost_analysis()`` counts a while body once; `kernels` does not.
 * Device ids in the HLO (``replica_groups``, ``source_target_pairs``) are
   logical ids: the position of the device in the compiled device assignment,
   which for ``jax.jit`` over a mesh is ``mesh.devices.flat`` order, whatever
@@ -55,8 +55,8 @@ import numpy as np
 
 from autoplan._src import cluster as C
 
-__all__ = ["HloCollective", "CompiledReport", "collectives", "communication_seconds", "compiled_report",
-           "sliced_all_reduces", "with_reduce_scatters"]
+__all__ = ["HloCollective", "HloKernel", "CompiledReport", "collectives", "communication_seconds", "compiled_report",
+           "kernels", "roofline_seconds", "sliced_all_reduces", "with_reduce_scatters"]
 
 # Opcode as printed -> kind reported.  ``-done`` halves are deliberately absent.
 _OPCODES = {
@@ -102,6 +102,7 @@ class HloCollective:
     axes: tuple[str, ...]
     index: int | None = None
     computation: str = ""
+    repeats: int = 1  # known trip counts of the while loops around it
 
     @property
     def wire_bytes(self) -> float:
@@ -129,11 +130,12 @@ class CompiledReport:
     gives arguments + outputs for some programs: 1.9 GiB for a GPT step whose
     temporaries take 9.4 GiB), ``argument + output + temp - alias``, which is
     an upper bound.  Generated code is reported apart and not counted.
-    ``step_seconds = compute_seconds + communication_seconds``, no overlap,
-    with ``compute_seconds = flops / cluster.device_flops + bytes_accessed /
-    cluster.memory_bandwidth``: XLA's counts are of the fused program, so the
-    memory term is what its kernels move, and a step is charged for both
-    (the planner's per-operator roofline lies between that and their max).
+    ``step_seconds = compute_seconds + communication_seconds``, no overlap.
+    ``compute_seconds`` is the per-kernel roofline of the fused program
+    (`roofline_seconds` over `kernels`: each kernel takes the longer of its
+    FLOPs at the matmul rate and its bytes at ``memory_bandwidth``, as in
+    XLA's GPU performance model), loop bodies times their trip counts.
+    ``flops`` and ``bytes_accessed`` are XLA's totals, a while body once.
     """
 
     cluster: str
@@ -475,7 +477,9 @@ def collectives(compiled_or_text, mesh, *, device_positions: Mapping[int, int] |
             out.append(HloCollective(kind=kind, name=m["name"], dtype=dtype, shape=dims, nbytes=nbytes,
                                      group_size=group_size, axes=axes, index=index if is_tuple else None,
                                      computation=computation))
-    return out
+    repeats = _computation_repeats(*_computations(text))
+    return [dataclasses.replace(c, repeats=repeats.get(c.computation, 1)) if repeats.get(c.computation, 1) != 1 else c
+            for c in out]
 
 
 def _instruction_seconds(elements: Sequence[HloCollective], mesh: C.MeshShape, cluster: C.Cluster) -> float:
@@ -499,7 +503,12 @@ def communication_seconds(colls: Sequence[HloCollective], mesh, cluster) -> floa
     by_instruction: dict[tuple[str, str], list[HloCollective]] = {}
     for c in colls:
         by_instruction.setdefault((c.computation, c.name), []).append(c)
-    return sum(_instruction_seconds(elements, mesh, cluster) for elements in by_instruction.values())
+    return sum(_instruction_seconds(elements, mesh, cluster) * elements[0].repeats
+               for elements in by_instruction.values())
+
+
+def _total_wire_bytes(colls: Sequence[HloCollective]) -> float:
+    return float(sum(c.wire_bytes * c.repeats for c in colls))
 
 
 def _cost_analysis(compiled) -> dict[str, float]:
@@ -577,7 +586,7 @@ def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
         peak = 0.0
     bytes_accessed = float(costs.get("bytes accessed", 0.0))
     rate = cluster.flops_for(matmul_dtypes) if matmul_dtypes else matmul_rate(text, cluster)
-    compute = flops / rate + bytes_accessed / cluster.memory_bandwidth
+    compute = roofline_seconds(kernels(text), cluster, rate)
     comm = communication_seconds(colls, mesh, cluster)
     return CompiledReport(
         cluster=cluster.name, flops=flops, bytes_accessed=bytes_accessed,
@@ -585,7 +594,7 @@ def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
         argument_bytes=memory["argument_size_in_bytes"], output_bytes=memory["output_size_in_bytes"],
         temp_bytes=memory["temp_size_in_bytes"], alias_bytes=memory["alias_size_in_bytes"],
         generated_code_bytes=memory["generated_code_size_in_bytes"],
-        collectives=colls, communication_bytes=float(sum(c.wire_bytes for c in colls)),
+        collectives=colls, communication_bytes=_total_wire_bytes(colls),
         communication_seconds=comm, compute_seconds=compute, step_seconds=compute + comm)
 
 
@@ -661,5 +670,293 @@ def with_reduce_scatters(report: CompiledReport, sliced: set, mesh, cluster) -> 
     colls = tuple(dataclasses.replace(c, kind="reduce-scatter", name=c.name + "#rs")
                   if (c.computation, c.name, c.index) in sliced else c for c in report.collectives)
     comm = communication_seconds(colls, mesh, cluster)
-    return dataclasses.replace(report, collectives=colls, communication_bytes=float(sum(c.wire_bytes for c in colls)),
+    return dataclasses.replace(report, collectives=colls, communication_bytes=_total_wire_bytes(colls),
                                communication_seconds=comm, step_seconds=report.compute_seconds + comm)
+
+
+# ----------------------------------------------------------------------------- per-kernel roofline
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class HloKernel:
+    """One kernel of a compiled program: what it computes and moves, and how many times it runs.
+
+    ``flops`` counts dot and convolution products (2 per multiply-add) as
+    ``matmul_flops`` and one per element of every other arithmetic
+    instruction, as XLA's ``HloCostAnalysis`` does; ``bytes`` is what the
+    kernel reads and writes in device memory (operands + results, a slice of
+    an operand where the kernel only slices it, the update of an in-place
+    ``dynamic-update-slice``).  ``repeats`` is the product of the
+    ``known_trip_count`` of the while loops around it.
+    """
+
+    name: str
+    opcode: str
+    flops: float
+    matmul_flops: float
+    bytes: float
+    repeats: int = 1
+
+
+_NO_KERNEL = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "partition-id",
+              "replica-id", "opt-barrier", "add-dependency", "domain", "copy-done", "send-done", "recv-done"}
+_NO_FLOPS = {"copy", "transpose", "reshape", "broadcast", "slice", "dynamic-slice", "dynamic-update-slice",
+             "concatenate", "pad", "iota", "convert", "reverse", "gather", "scatter", "select", "bitcast-convert",
+             "copy-start", "sort", "rng", "rng-bit-generator", "custom-call", "fusion", "call", "while",
+             "conditional", "reduce-precision", "compare", "and", "or", "not", "xor", "clamp"} | _NO_KERNEL
+_TRANSCENDENTAL = {"exponential", "exponential-minus-one", "log", "log-plus-one", "tanh", "logistic", "sqrt",
+                   "rsqrt", "cbrt", "sine", "cosine", "tan", "atan2", "power", "erf"}
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Instr:
+    name: str
+    shape: object
+    opcode: str
+    operands: tuple[str, ...]
+    attrs: str
+    param: int = -1
+
+
+def _computations(text: str) -> tuple[dict[str, list[_Instr]], str]:
+    """Every computation of an HLO module, instructions in order, and the entry's name."""
+    comps: dict[str, list[_Instr]] = {}
+    entry, current = "", None
+    for raw in text.splitlines():
+        if raw and not raw[0].isspace():
+            if raw.rstrip().endswith("{"):
+                name = raw.split()[1 if raw.startswith("ENTRY") else 0].lstrip("%")
+                entry = name if raw.startswith("ENTRY") else entry
+                current = comps.setdefault(name, [])
+            continue
+        m = _INSTRUCTION.match(raw)
+        if not m or current is None:
+            continue
+        line = _STRING.sub('""', _COMMENT.sub("", m["rest"]))
+        try:
+            shape, i = _parse_shape(line)
+        except (ValueError, IndexError):
+            continue
+        op = _OPCODE.match(line, i)
+        if not op:
+            continue
+        close = _match_close(line, op.end() - 1)
+        inside = line[op.end():close - 1]
+        param = int(inside) if op["op"] == "parameter" and inside.strip().isdigit() else -1
+        trip = _TRIP_COUNT.search(m["rest"])  # in backend_config, a string the scan above blanked
+        attrs = line[close:] + (f", known_trip_count={trip.group(1)}" if trip else "")
+        current.append(_Instr(m["name"], shape, op["op"], tuple(_REF.findall(inside)), attrs, param))
+    return comps, entry
+
+
+def _shape_bytes(shape) -> int:
+    return sum(_array_bytes(dtype, dims) for dtype, dims in _flatten(shape))
+
+
+def _elements(shape) -> int:
+    return sum(math.prod(dims) for _, dims in _flatten(shape))
+
+
+def _called(attrs: str, key: str) -> list[str]:
+    found = _attribute(attrs, key)
+    if not found:
+        return []
+    return [name.lstrip("%") for name in re.findall(r"%?([\w.\-]+)", found)]
+
+
+def _matmul_flops(instr: _Instr, shapes: Mapping[str, object]) -> float:
+    out = _elements(instr.shape)
+    if instr.opcode == "dot":
+        lhs = _flatten(shapes.get(instr.operands[0], ("f32", ())))[0][1]
+        contracting = [int(d) for d in _INTS.findall(_attribute(instr.attrs, "lhs_contracting_dims") or "")]
+        return 2.0 * out * math.prod(lhs[d] for d in contracting if d < len(lhs))
+    return _convolution_flops(instr, shapes)
+
+
+def _convolution_flops(instr: _Instr, shapes: Mapping[str, object]) -> float:
+    """2 x the multiply-adds that touch the input, not the padding: what XLA's cost analysis counts."""
+    lhs = _flatten(shapes.get(instr.operands[0], ("f32", ())))[0][1]
+    rhs = _flatten(shapes.get(instr.operands[1], ("f32", ())))[0][1]
+    out = _flatten(instr.shape)[0][1]
+    labels = re.match(r"(\w+)_(\w+)->(\w+)", _attribute(instr.attrs, "dim_labels") or "")
+    if not labels or len(labels[1]) != len(lhs) or len(labels[2]) != len(rhs) or len(labels[3]) != len(out):
+        return 2.0 * math.prod(out) * math.prod(rhs)
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    window = _attribute(instr.attrs, "window") or ""
+    spatial = [c for c in rhs_labels if c.isdigit()]
+    field = {key: (re.search(rf"{key}=(\S+)", window) or [None, ""])[1].rstrip("}").split("x")
+             for key in ("pad", "stride", "lhs_dilate", "rhs_dilate")}
+    taps = 1.0
+    for i, dim in enumerate(spatial):
+        def entry(key, default):
+            values = [v for v in field[key] if v]
+            return values[i] if i < len(values) else default
+        pad_low = int(entry("pad", "0_0").split("_")[0])
+        stride, lhs_dilate, rhs_dilate = int(entry("stride", 1)), int(entry("lhs_dilate", 1)), int(entry("rhs_dilate", 1))
+        size, kernel, outputs = lhs[lhs_labels.index(dim)], rhs[rhs_labels.index(dim)], out[out_labels.index(dim)]
+        extent = (size - 1) * lhs_dilate + 1
+        taps *= sum(1 for o in range(outputs) for k in range(kernel)
+                    if 0 <= (p := o * stride - pad_low + k * rhs_dilate) < extent and p % lhs_dilate == 0)
+    features = rhs[rhs_labels.index("i")]
+    return 2.0 * out[out_labels.index("b")] * out[out_labels.index("f")] * features * taps
+
+
+def _fused_flops(comps, name: str, seen: frozenset = frozenset()) -> tuple[float, float]:
+    """(all flops, matmul flops) of a fused or called computation, nested fusions included."""
+    if name in seen or name not in comps:
+        return 0.0, 0.0
+    instrs = comps[name]
+    shapes = {i.name: i.shape for i in instrs}
+    flops = matmul = 0.0
+    for instr in instrs:
+        if instr.opcode in ("dot", "convolution"):
+            f = _matmul_flops(instr, shapes)
+            flops, matmul = flops + f, matmul + f
+        elif instr.opcode in ("fusion", "call"):
+            for sub in _called(instr.attrs, "calls") or _called(instr.attrs, "to_apply"):
+                f, m = _fused_flops(comps, sub, seen | {name})
+                flops, matmul = flops + f, matmul + m
+        elif instr.opcode == "reduce":
+            inputs = sum(_elements(shapes.get(o, ("f32", ()))) for o in instr.operands[:len(instr.operands) // 2])
+            flops += max(inputs - _elements(instr.shape), 0)
+        elif instr.opcode not in _NO_FLOPS and instr.opcode not in _TRANSCENDENTAL:
+            flops += _elements(instr.shape)
+    return flops, matmul
+
+
+def _fusion_bytes(comps, instr: _Instr, shapes: Mapping[str, object]) -> float:
+    """Bytes a fusion moves: operands it slices count as the slice, an in-place update as the update."""
+    called = _called(instr.attrs, "calls")
+    body = comps.get(called[0], []) if called else []
+    params = {i.param: i for i in body if i.opcode == "parameter"}
+    users: dict[str, list[_Instr]] = {}
+    for i in body:
+        for ref in i.operands:
+            users.setdefault(ref, []).append(i)
+    root = body[-1] if body else None
+    total = float(_shape_bytes(instr.shape))
+    if root is not None and root.opcode == "dynamic-update-slice":
+        update = next((i for i in body if i.name == root.operands[1]), None)
+        total = float(_shape_bytes(update.shape)) if update is not None else total
+    for position, operand in enumerate(instr.operands):
+        param = params.get(position)
+        full = float(_shape_bytes(shapes.get(operand, ("f32", ()))))
+        uses = users.get(param.name, []) if param is not None else []
+        if uses and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == param.name for u in uses):
+            full = float(sum(_shape_bytes(u.shape) for u in uses))
+        elif root is not None and root.opcode == "dynamic-update-slice" and uses == [root] \
+                and root.operands[0] == param.name:
+            full = 0.0  # updated in place: only the update is written
+        total += full
+    return total
+
+
+
+def kernels(compiled_or_text) -> list[HloKernel]:
+    """The kernels of a compiled program, loop bodies with their trip counts; collectives are left out.
+
+    Every instruction of the entry computation that launches work is a
+    kernel: a fusion, a dot, a copy, an elementwise op.  While loops
+    contribute their body and condition ``known_trip_count`` times (once
+    where XLA printed no count), a conditional its costliest branch, a call
+    or async wrapper what it calls.
+
+    >>> text = '''HloModule m
+    ... ENTRY %main (a: f32[8,4], b: f32[4,2]) -> f32[8,2] {
+    ...   %a = f32[8,4]{1,0} parameter(0)
+    ...   %b = f32[4,2]{1,0} parameter(1)
+    ...   ROOT %d = f32[8,2]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+    ... }'''
+    >>> [(k.opcode, k.matmul_flops, k.bytes) for k in kernels(text)]
+    [('dot', 128.0, 224.0)]
+    """
+    comps, entry = _computations(_hlo_text(compiled_or_text))
+    return _walk_kernels(comps, entry, 1, frozenset())
+
+
+def _walk_kernels(comps, name: str, repeats: int, seen: frozenset) -> list[HloKernel]:
+    if name in seen or name not in comps:
+        return []
+    seen = seen | {name}
+    instrs = comps[name]
+    shapes = {i.name: i.shape for i in instrs}
+    out: list[HloKernel] = []
+    for instr in instrs:
+        op = instr.opcode
+        if op in _NO_KERNEL or op in _OPCODES or op.endswith("-done"):
+            continue
+        if op == "while":
+            trip = int(_attribute(instr.attrs, "known_trip_count") or 1)
+            for key in ("body", "condition"):
+                for sub in _called(instr.attrs, key):
+                    out += _walk_kernels(comps, sub, repeats * trip, seen)
+        elif op == "conditional":
+            branches = [_walk_kernels(comps, sub, repeats, seen)
+                        for key in ("branch_computations", "true_computation", "false_computation")
+                        for sub in _called(instr.attrs, key)]
+            out += max(branches, key=lambda ks: sum(k.bytes + k.flops for k in ks), default=[])
+        elif op in ("call", "async-start"):
+            for sub in _called(instr.attrs, "calls") or _called(instr.attrs, "to_apply"):
+                out += _walk_kernels(comps, sub, repeats, seen)
+        else:
+            out.append(_kernel(comps, instr, shapes, repeats))
+    return out
+
+
+def _computation_repeats(comps, entry: str) -> dict[str, int]:
+    """How many times each computation runs per step: the trip counts of the while loops that call it."""
+    repeats: dict[str, int] = {}
+
+    def visit(name: str, times: int) -> None:
+        if name not in comps or repeats.get(name, 0) >= times:
+            return
+        repeats[name] = times
+        for instr in comps[name]:
+            inner = times * int(_attribute(instr.attrs, "known_trip_count") or 1) if instr.opcode == "while" else times
+            for key in ("body", "condition", "calls", "to_apply", "branch_computations", "true_computation",
+                        "false_computation"):
+                for sub in _called(instr.attrs, key):
+                    visit(sub, inner)
+
+    visit(entry, 1)
+    return repeats
+
+
+def _kernel(comps, instr: _Instr, shapes: Mapping[str, object], repeats: int) -> HloKernel:
+    op = instr.opcode
+    operand_bytes = [float(_shape_bytes(shapes.get(o, ("f32", ())))) for o in instr.operands]
+    out_bytes = float(_shape_bytes(instr.shape))
+    flops = matmul = 0.0
+    if op == "fusion":
+        nbytes = _fusion_bytes(comps, instr, shapes)
+        for sub in _called(instr.attrs, "calls"):
+            flops, matmul = _fused_flops(comps, sub)
+    elif op in ("dot", "convolution"):
+        nbytes = out_bytes + sum(operand_bytes)
+        flops = matmul = _matmul_flops(instr, shapes)
+    elif op in ("dynamic-slice", "slice"):
+        nbytes = 2 * out_bytes
+    elif op == "dynamic-update-slice":
+        nbytes = 2 * (operand_bytes[1] if len(operand_bytes) > 1 else out_bytes)
+    else:
+        nbytes = out_bytes + sum(operand_bytes)
+        if op == "reduce":
+            flops = max(sum(_elements(shapes.get(o, ("f32", ()))) for o in instr.operands[:len(instr.operands) // 2])
+                        - _elements(instr.shape), 0)
+        elif op not in _NO_FLOPS and op not in _TRANSCENDENTAL:
+            flops = float(_elements(instr.shape))
+    return HloKernel(name=instr.name, opcode=op, flops=flops, matmul_flops=matmul, bytes=nbytes, repeats=repeats)
+
+
+def roofline_seconds(kernel_list: Sequence[HloKernel], cluster: C.Cluster, matmul_rate: float) -> float:
+    """Sum over kernels of max(time to compute, time to move its bytes), times its repeats.
+
+    The per-kernel roofline of XLA's GPU performance model: a kernel is
+    bound by its FLOPs or by its memory traffic, not by their sum.  Matrix
+    products run at ``matmul_rate``, other arithmetic at ``device_flops``.
+    """
+    total = 0.0
+    for k in kernel_list:
+        compute = k.matmul_flops / matmul_rate + (k.flops - k.matmul_flops) / cluster.device_flops
+        total += k.repeats * max(compute, k.bytes / cluster.memory_bandwidth)
+    return total
