@@ -66,7 +66,7 @@ def test_bad_in_shardings_name_the_leaf_and_the_fix(in_shardings, message):
 
 def test_a_dim_the_axes_do_not_divide_is_refused():
     x = jax.ShapeDtypeStruct((6, 8), jnp.float32)
-    with pytest.raises(ValueError, match=r"in_shardings for 'x'.*dimension 0 \(size 6\).*\('model',\)"):
+    with pytest.raises(ValueError, match=r"in_shardings for 'x'.*dim 0 \(size 6\).*\('model',\)"):
         autoplan.plan(lambda x: (x * 2).sum(), x, mesh=MESH, in_shardings=(P("model"),))
 
 

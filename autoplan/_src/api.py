@@ -223,40 +223,6 @@ def _is_sharding_leaf(x) -> bool:
     return x is None or isinstance(x, (_Auto, jax.sharding.PartitionSpec, jax.sharding.NamedSharding))
 
 
-def spec_from_partition_spec(pspec, shape: Sequence[int], mesh: C.MeshShape, where: str) -> S.Spec:
-    """A `PartitionSpec` (or NamedSharding) as a spec of ``shape`` on ``mesh``, checked.
-
-    Raises ValueError naming ``where`` (a pytree path or an op and source line)
-    for an axis the mesh lacks, a rank mismatch or a dim the axes do not divide.
-
-    >>> import jax
-    >>> from autoplan._src.cluster import MeshShape
-    >>> mesh = MeshShape(axis_names=("data", "model"), axis_sizes=(2, 4))
-    >>> spec_from_partition_spec(jax.sharding.PartitionSpec(("data", "model"), None), (16, 4), mesh, "x")
-    (('data', 'model'), ())
-    """
-    import jax
-
-    if isinstance(pspec, jax.sharding.NamedSharding):
-        pspec = pspec.spec
-    entries = tuple(pspec)
-    if len(entries) > len(shape):
-        raise ValueError(f"{where}: sharding {pspec} has {len(entries)} entries but the array has rank {len(shape)} "
-                         f"(shape {tuple(shape)}); give at most one entry per dimension")
-    spec = []
-    for d, entry in enumerate(entries + (None,) * (len(shape) - len(entries))):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        for axis in axes:
-            if axis not in mesh.axis_names:
-                raise ValueError(f"{where}: sharding {pspec} names mesh axis {axis!r}, which the mesh "
-                                 f"{mesh.as_dict()} lacks; use one of {mesh.axis_names}")
-        if axes and shape[d] % mesh.axis_size(axes):
-            raise ValueError(f"{where}: dimension {d} (size {shape[d]}) of shape {tuple(shape)} cannot be split "
-                             f"over mesh axes {axes} (size {mesh.axis_size(axes)}); pick axes whose sizes divide it")
-        spec.append(axes)
-    return tuple(spec)
-
-
 def pinned_inputs(graph: G.Graph, in_shardings, mesh: C.MeshShape) -> dict[int, list[S.Spec]]:
     """Input op id -> [spec] for every leaf that ``in_shardings`` (a prefix of the dynamic arguments) fixes."""
     import jax
@@ -281,8 +247,10 @@ def pinned_inputs(graph: G.Graph, in_shardings, mesh: C.MeshShape) -> dict[int, 
                 continue
             for leaf in jax.tree_util.tree_leaves(group):
                 op = graph.ops[graph.input_ops[leaf]]
-                pinned[op.id] = [spec_from_partition_spec(sharding, op.output_shapes[0], mesh,
-                                                          f"in_shardings for {graph.input_paths[leaf]!r}")]
+                spec = S.from_partition_spec(sharding, op.output_shapes[0], mesh,
+                                             f"in_shardings for {graph.input_paths[leaf]!r}")
+                if spec is not None:
+                    pinned[op.id] = [spec]
     return pinned
 
 

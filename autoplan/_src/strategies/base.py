@@ -359,6 +359,42 @@ def to_partition_spec(spec: Spec):
     return jax.sharding.PartitionSpec(*entries)
 
 
+def from_partition_spec(pspec, shape: Sequence[int], mesh: C.MeshShape, where: str,
+                        error: type[Exception] = ValueError) -> Spec | None:
+    """A `PartitionSpec` (or ``NamedSharding``, or its entries) as a spec of ``shape`` on ``mesh``, checked.
+
+    The one converter for layouts a user writes (``in_shardings=``, a
+    ``with_sharding_constraint`` in the step).  Raises ``error`` naming
+    ``where`` (a pytree path, or an op and its source line) for an axis the
+    mesh lacks, more entries than dims, or a dim its axes do not divide.
+    None where a dim is left ``P.UNCONSTRAINED``.  Axes of size 1 are dropped.
+
+    >>> import jax
+    >>> mesh = C.MeshShape(axis_names=("data", "model"), axis_sizes=(2, 4))
+    >>> from_partition_spec(jax.sharding.PartitionSpec(("data", "model"), None), (16, 4), mesh, "x")
+    (('data', 'model'), ())
+    """
+    entries = tuple(getattr(pspec, "spec", pspec))
+    if len(entries) > len(shape):
+        raise error(f"{where}: sharding {pspec} has {len(entries)} entries but the array has rank {len(shape)} "
+                    f"(shape {tuple(shape)}); give at most one entry per dimension")
+    spec = []
+    for dim, entry in enumerate(entries + (None,) * (len(shape) - len(entries))):
+        if entry is not None and not isinstance(entry, (str, tuple, list)):
+            return None  # P.UNCONSTRAINED: the planner decides
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        for axis in axes:
+            if axis not in mesh.axis_names:
+                raise error(f"{where}: sharding {pspec} names mesh axis {axis!r}, which the mesh "
+                            f"{mesh.as_dict()} lacks; use one of {mesh.axis_names} or plan on a mesh with that axis")
+        if axes and shape[dim] % mesh.axis_size(axes):
+            raise error(f"{where}: dim {dim} (size {shape[dim]}) of shape {tuple(shape)} cannot be split over "
+                        f"mesh axes {axes} ({mesh.axis_size(axes)} devices); pick axes whose sizes divide {shape[dim]} "
+                        "or pad the array")
+        spec.append(tuple(a for a in axes if mesh.axis_size((a,)) > 1))
+    return tuple(spec)
+
+
 # ---------------------------------------------------------------------------
 # Resharding: what it costs to turn one spec of a tensor into another.
 

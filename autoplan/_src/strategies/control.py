@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from autoplan._src import compat
 from autoplan._src import graph as G
 from autoplan._src.strategies.base import (
-    Context, Spec, Strategy, enumerate_specs, register_strategy, spec_name)
+    Context, Spec, Strategy, enumerate_specs, from_partition_spec, register_strategy, spec_name)
 
 
 class UserShardingError(ValueError):
@@ -48,33 +48,6 @@ def boundary(op: G.Op, ctx: Context) -> list[Strategy]:
     return out
 
 
-def _pspec_to_spec(entries: Sequence, shape: Sequence[int], ctx: Context, op: G.Op) -> Spec | None:
-    """A user's PartitionSpec as a spec on ``ctx.mesh``; errors name the axis or dim and the source line.
-
-    None where the user left a dim unconstrained.
-    """
-    sizes = dict(zip(ctx.mesh.axis_names, ctx.mesh.axis_sizes))
-    entries = list(entries) + [None] * (len(shape) - len(entries))
-    spec = []
-    for dim, (entry, n) in enumerate(zip(entries, shape)):
-        if entry is not None and not isinstance(entry, (str, tuple, list)):
-            return None  # P.UNCONSTRAINED
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        for axis in axes:
-            if axis not in sizes:
-                raise UserShardingError(
-                    f"the sharding constraint at {op.source} names mesh axis {axis!r}, but the plan's mesh has "
-                    f"axes {tuple(sizes)}; plan on a mesh with that axis or change the constraint")
-        split = math.prod(sizes[a] for a in axes)
-        if n % split:
-            raise UserShardingError(
-                f"the sharding constraint at {op.source} splits dim {dim} (size {n}) of a {tuple(shape)} array "
-                f"over mesh axes {axes} ({split} devices), which do not divide it; pick axes whose sizes divide "
-                f"{n} or pad the array")
-        spec.append(tuple(a for a in axes if sizes[a] > 1))
-    return tuple(spec)
-
-
 def _user_sharding(op: G.Op):
     for key in ("sharding", "dst_sharding"):
         if key in op.params:
@@ -89,7 +62,8 @@ def user_constraint(op: G.Op, ctx: Context) -> list[Strategy]:
     entries = compat.sharding_spec(_user_sharding(op))
     specs = enumerate_specs(shape, ctx)
     if entries is not None:
-        spec = _pspec_to_spec(entries, shape, ctx, op)
+        spec = from_partition_spec(entries, shape, ctx.mesh, f"the sharding constraint at {op.source}",
+                                   UserShardingError)
         if spec is not None:
             specs = [spec]
     name = lambda s: f"{USER_PINNED} {spec_name(s)}"  # noqa: E731
@@ -134,9 +108,11 @@ def _body_costs(jaxpr, ctx: Context) -> tuple[float, list]:
 @register_strategy("shard_map")
 def shard_map_region(op: G.Op, ctx: Context) -> list[Strategy]:
     """Opaque: operands and results take the region's in_specs / out_specs; its collectives are paid."""
-    in_specs = tuple(_pspec_to_spec(tuple(p), s, ctx, op) for p, s in zip(op.params["in_specs"], op.input_shapes))
-    out_specs = tuple(_pspec_to_spec(tuple(p), s, ctx, op) for p, s in zip(op.params["out_specs"],
-                                                                          op.output_shapes))
+    where = f"the shard_map at {op.source}"
+    in_specs = tuple(from_partition_spec(p, s, ctx.mesh, where, UserShardingError)
+                     for p, s in zip(op.params["in_specs"], op.input_shapes))
+    out_specs = tuple(from_partition_spec(p, s, ctx.mesh, where, UserShardingError)
+                      for p, s in zip(op.params["out_specs"], op.output_shapes))
     flops, collectives = _body_costs(compat.open_jaxpr(op.params["jaxpr"])[0], ctx)
     return [Strategy(name="shard_map", output_specs=out_specs, input_specs=in_specs,
                      compute_seconds=ctx.compute(flops, 1), collectives=tuple(collectives))]

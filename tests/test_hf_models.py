@@ -1,0 +1,63 @@
+"""Hugging Face transformers Flax models (code we did not write) planned and trained under `@autoparallel`.
+
+Random-init tiny configs from `benchmarks/workloads.py` (BERT, T5, GPT-Neo, Mistral, ViT), SGD so that
+float noise is not amplified.  Each plans on a 2x4 mesh with no fallback warning, gives the layers that
+transformers numbers 0, 1, ... the same specs, and trains 3 steps to single-device `jax.jit`'s numbers.
+Planned for the "cpu" preset: at this size an A100 plan is fully replicated (nothing to check), while
+on slow devices the batch splits over all eight and the gradients are reduced.
+"""
+
+import os
+import re
+import sys
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+import autoplan
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import workloads  # noqa: E402
+
+pytest.importorskip("transformers")
+
+MODELS = ("hf-bert", "hf-t5", "hf-gptneo", "hf-mistral", "hf-vit")
+_LAYER = re.compile(r"(?<=[/'\[])(\d+)(?=[/'\]])")  # a layer index in a keystr path: ['0'] or /0/
+
+
+def _layer_groups(tree) -> dict[str, list[tuple[str, object]]]:
+    """Leaves grouped by path with layer numbers masked: layer i's `kernel` joins every other layer's."""
+    groups: dict[str, list] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, jax.P))[0]:
+        key = jax.tree_util.keystr(path)
+        groups.setdefault(_LAYER.sub("*", key), []).append((key, leaf))
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_hugging_face_model_plans_alike_per_layer_and_trains_like_jit(name):
+    w = workloads.get(name, "tiny", optimizer="sgd")
+    params, opt_state, batch = w.concrete_args()
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    step = autoplan.autoparallel(w.train_step, mesh=mesh, cluster="cpu", donate=False)
+    reference = jax.jit(w.train_step)
+    want = got = (params, opt_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", autoplan.UnsupportedPrimitiveWarning)
+        warnings.simplefilter("error", autoplan.PlanningTimeoutWarning)
+        for _ in range(3):
+            *want, want_loss = reference(*want, batch)
+            *got, got_loss = step(*got, batch)
+            np.testing.assert_allclose(float(got_loss), float(want_loss), rtol=2e-6)
+    for a, b in zip(jax.tree.leaves(got[0]), jax.tree.leaves(want[0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    batch_specs = jax.tree.leaves(step.plan.input_shardings[2], is_leaf=lambda x: isinstance(x, jax.P))
+    assert all(spec[0] is not None for spec in batch_specs), batch_specs  # the plan splits the batch
+    param_specs = step.plan.input_shardings[0]
+    groups = _layer_groups(param_specs)
+    assert len(groups) >= 4, f"{name}: expected numbered layers in {jax.tree_util.tree_structure(param_specs)}"
+    for key, members in groups.items():
+        specs = {str(spec) for _, spec in members}
+        assert len(specs) == 1, f"{name}: {key} planned differently per layer: {members}"
