@@ -45,12 +45,16 @@ class StackedGPT(nn.Module):
         return gpt.dense(cfg.vocab_size, "head", cfg.dtype, use_bias=False)(x)
 
 
-def make(style: str, config: gpt.GPTConfig = CONFIG, optimizer=OPTIMIZER):
-    """(train_step, params, opt_state, batch) of the GPT stacked as ``style``."""
+def make(style: str, config: gpt.GPTConfig = CONFIG, optimizer=OPTIMIZER, *, abstract: bool = False):
+    """(train_step, params, opt_state, batch) of the GPT stacked as ``style``; ShapeDtypeStructs if ``abstract``."""
     model = StackedGPT(config, style)
-    batch = gpt.random_tokens(jax.random.key(1), config.batch, config.seq_len, config.vocab_size)
-    params = model.init(jax.random.key(0), gpt.lm_inputs(batch)[0])["params"]
-    opt_state = optimizer.init(params)
+
+    def state():
+        batch = gpt.random_tokens(jax.random.key(1), config.batch, config.seq_len, config.vocab_size)
+        params = model.init(jax.random.key(0), gpt.lm_inputs(batch)[0])["params"]
+        return params, optimizer.init(params), batch
+
+    params, opt_state, batch = jax.eval_shape(state) if abstract else state()
 
     def loss_fn(params, batch):
         return gpt.lm_loss(model.apply({"params": params}, *gpt.lm_inputs(batch)), batch)
