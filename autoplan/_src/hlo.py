@@ -809,19 +809,27 @@ def _fused_flops(comps, name: str, seen: frozenset = frozenset()) -> tuple[float
     shapes = {i.name: i.shape for i in instrs}
     flops = matmul = 0.0
     for instr in instrs:
-        if instr.opcode in ("dot", "convolution"):
-            f = _matmul_flops(instr, shapes)
-            flops, matmul = flops + f, matmul + f
-        elif instr.opcode in ("fusion", "call"):
+        if instr.opcode in ("fusion", "call"):
             for sub in _called(instr.attrs, "calls") or _called(instr.attrs, "to_apply"):
                 f, m = _fused_flops(comps, sub, seen | {name})
                 flops, matmul = flops + f, matmul + m
-        elif instr.opcode == "reduce":
-            inputs = sum(_elements(shapes.get(o, ("f32", ()))) for o in instr.operands[:len(instr.operands) // 2])
-            flops += max(inputs - _elements(instr.shape), 0)
-        elif instr.opcode not in _NO_FLOPS and instr.opcode not in _TRANSCENDENTAL:
-            flops += _elements(instr.shape)
+        else:
+            f, m = _instruction_flops(instr, shapes)
+            flops, matmul = flops + f, matmul + m
     return flops, matmul
+
+
+def _instruction_flops(instr: _Instr, shapes: Mapping[str, object]) -> tuple[float, float]:
+    """(flops, matmul flops) of one unfused instruction, counted as XLA's ``HloCostAnalysis`` does."""
+    if instr.opcode in ("dot", "convolution"):
+        f = _matmul_flops(instr, shapes)
+        return f, f
+    if instr.opcode == "reduce":
+        inputs = sum(_elements(shapes.get(o, ("f32", ()))) for o in instr.operands[:len(instr.operands) // 2])
+        return float(max(inputs - _elements(instr.shape), 0)), 0.0
+    if instr.opcode in _NO_FLOPS or instr.opcode in _TRANSCENDENTAL:
+        return 0.0, 0.0
+    return float(_elements(instr.shape)), 0.0
 
 
 def _fusion_bytes(comps, instr: _Instr, shapes: Mapping[str, object]) -> float:
@@ -849,7 +857,6 @@ def _fusion_bytes(comps, instr: _Instr, shapes: Mapping[str, object]) -> float:
             full = 0.0  # updated in place: only the update is written
         total += full
     return total
-
 
 
 def kernels(compiled_or_text) -> list[HloKernel]:
@@ -926,25 +933,18 @@ def _kernel(comps, instr: _Instr, shapes: Mapping[str, object], repeats: int) ->
     op = instr.opcode
     operand_bytes = [float(_shape_bytes(shapes.get(o, ("f32", ())))) for o in instr.operands]
     out_bytes = float(_shape_bytes(instr.shape))
-    flops = matmul = 0.0
     if op == "fusion":
         nbytes = _fusion_bytes(comps, instr, shapes)
-        for sub in _called(instr.attrs, "calls"):
-            flops, matmul = _fused_flops(comps, sub)
-    elif op in ("dot", "convolution"):
-        nbytes = out_bytes + sum(operand_bytes)
-        flops = matmul = _matmul_flops(instr, shapes)
-    elif op in ("dynamic-slice", "slice"):
-        nbytes = 2 * out_bytes
-    elif op == "dynamic-update-slice":
-        nbytes = 2 * (operand_bytes[1] if len(operand_bytes) > 1 else out_bytes)
+        called = _called(instr.attrs, "calls")
+        flops, matmul = _fused_flops(comps, called[0]) if called else (0.0, 0.0)
     else:
-        nbytes = out_bytes + sum(operand_bytes)
-        if op == "reduce":
-            flops = max(sum(_elements(shapes.get(o, ("f32", ()))) for o in instr.operands[:len(instr.operands) // 2])
-                        - _elements(instr.shape), 0)
-        elif op not in _NO_FLOPS and op not in _TRANSCENDENTAL:
-            flops = float(_elements(instr.shape))
+        flops, matmul = _instruction_flops(instr, shapes)
+        if op in ("dynamic-slice", "slice"):
+            nbytes = 2 * out_bytes
+        elif op == "dynamic-update-slice":
+            nbytes = 2 * (operand_bytes[1] if len(operand_bytes) > 1 else out_bytes)
+        else:
+            nbytes = out_bytes + sum(operand_bytes)
     return HloKernel(name=instr.name, opcode=op, flops=flops, matmul_flops=matmul, bytes=nbytes, repeats=repeats)
 
 
