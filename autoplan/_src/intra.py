@@ -873,20 +873,6 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
     return choice, status
 
 
-def _cp_solver(options: SolveOptions, seconds: float, linearization: int) -> cp_model.CpSolver:
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = seconds
-    solver.parameters.num_workers = options.num_workers
-    solver.parameters.random_seed = 0
-    # One worker keeps plans deterministic.  CP-SAT's presolve costs more than it saves on these
-    # one-hot models (measured on GPT train steps).
-    solver.parameters.cp_model_presolve = False
-    solver.parameters.linearization_level = linearization
-    for key, value in (options.solver_params or {}).items():
-        setattr(solver.parameters, key, value)
-    return solver
-
-
 def _solve(model: cp_model.CpModel, options: SolveOptions) -> tuple[cp_model.CpSolver, int]:
     """One CP-SAT solve with every linear constraint in its LP (``linearization_level=2``).
 
@@ -894,9 +880,17 @@ def _solve(model: cp_model.CpModel, options: SolveOptions) -> tuple[cp_model.CpS
     GPT-2 48 layers on 8x8: 9.2 vs 10.9 s) but on benchmark-size steps it stalls with a weak
     bound: a GShard MoE at d=1024 stopped at 37.0 ms feasible after 60 s with a 93% gap, where
     the full LP proves 29.0 ms optimal in 50 s.  Level 1 for 15 s and then level 2 from its
-    best did not get there within the same 60 s.
+    best did not get there within the same 60 s.  One worker keeps plans deterministic;
+    CP-SAT's presolve costs more than it saves on these one-hot models.
     """
-    solver = _cp_solver(options, options.time_limit, 2)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = options.time_limit
+    solver.parameters.num_workers = options.num_workers
+    solver.parameters.random_seed = 0
+    solver.parameters.cp_model_presolve = False
+    solver.parameters.linearization_level = 2
+    for key, value in (options.solver_params or {}).items():
+        setattr(solver.parameters, key, value)
     return solver, solver.Solve(model)
 
 
