@@ -432,6 +432,16 @@ def collectives(compiled_or_text, mesh, *, device_positions: Mapping[int, int] |
     [('all-reduce', 32, ('model',))]
     """
     text = _hlo_text(compiled_or_text)
+    return _with_repeats(_scan_collectives(text, mesh, device_positions), _computation_repeats(*_computations(text)))
+
+
+def _with_repeats(colls: list[HloCollective], repeats: Mapping[str, int]) -> list[HloCollective]:
+    """Each collective with the trip count of the loops around its computation."""
+    return [dataclasses.replace(c, repeats=repeats[c.computation]) if repeats.get(c.computation, 1) != 1 else c
+            for c in colls]
+
+
+def _scan_collectives(text: str, mesh, device_positions) -> list[HloCollective]:
     mesh = C.MeshShape.from_mesh(mesh)
     num_devices = _module_devices(text) or mesh.size
     out: list[HloCollective] = []
@@ -477,9 +487,7 @@ def collectives(compiled_or_text, mesh, *, device_positions: Mapping[int, int] |
             out.append(HloCollective(kind=kind, name=m["name"], dtype=dtype, shape=dims, nbytes=nbytes,
                                      group_size=group_size, axes=axes, index=index if is_tuple else None,
                                      computation=computation))
-    repeats = _computation_repeats(*_computations(text))
-    return [dataclasses.replace(c, repeats=repeats.get(c.computation, 1)) if repeats.get(c.computation, 1) != 1 else c
-            for c in out]
+    return out
 
 
 def _instruction_seconds(elements: Sequence[HloCollective], mesh: C.MeshShape, cluster: C.Cluster) -> float:
@@ -574,8 +582,10 @@ def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
     """
     mesh = C.MeshShape.from_mesh(mesh)
     cluster = C.get_cluster(cluster)
-    text = _hlo_text(compiled)  # printing a large module is slow: once, for collectives and matmul rate
-    colls = tuple(collectives(text, mesh, device_positions=device_positions))
+    text = _hlo_text(compiled)  # printing and parsing a large module are slow: once each
+    computations, entry = _computations(text)
+    colls = tuple(_with_repeats(_scan_collectives(text, mesh, device_positions),
+                                _computation_repeats(computations, entry)))
     costs = _cost_analysis(compiled)
     memory = _memory_analysis(compiled)
     flops = float(costs.get("flops", 0.0))
@@ -586,7 +596,7 @@ def compiled_report(compiled, mesh, cluster: C.Cluster | str | None = None, *,
         peak = 0.0
     bytes_accessed = float(costs.get("bytes accessed", 0.0))
     rate = cluster.flops_for(matmul_dtypes) if matmul_dtypes else matmul_rate(text, cluster)
-    compute = roofline_seconds(kernels(text), cluster, rate)
+    compute = roofline_seconds(_walk_kernels(computations, entry, 1, frozenset()), cluster, rate)
     comm = communication_seconds(colls, mesh, cluster)
     return CompiledReport(
         cluster=cluster.name, flops=flops, bytes_accessed=bytes_accessed,
@@ -716,6 +726,7 @@ class _Instr:
     operands: tuple[str, ...]
     attrs: str
     param: int = -1
+    trip_count: int = 1  # a while loop's known_trip_count (1 where XLA printed none)
 
 
 def _computations(text: str) -> tuple[dict[str, list[_Instr]], str]:
@@ -744,8 +755,8 @@ def _computations(text: str) -> tuple[dict[str, list[_Instr]], str]:
         inside = line[op.end():close - 1]
         param = int(inside) if op["op"] == "parameter" and inside.strip().isdigit() else -1
         trip = _TRIP_COUNT.search(m["rest"])  # in backend_config, a string the scan above blanked
-        attrs = line[close:] + (f", known_trip_count={trip.group(1)}" if trip else "")
-        current.append(_Instr(m["name"], shape, op["op"], tuple(_REF.findall(inside)), attrs, param))
+        current.append(_Instr(m["name"], shape, op["op"], tuple(_REF.findall(inside)), line[close:], param,
+                              int(trip.group(1)) if trip else 1))
     return comps, entry
 
 
@@ -893,10 +904,9 @@ def _walk_kernels(comps, name: str, repeats: int, seen: frozenset) -> list[HloKe
         if op in _NO_KERNEL or op in _OPCODES or op.endswith("-done"):
             continue
         if op == "while":
-            trip = int(_attribute(instr.attrs, "known_trip_count") or 1)
             for key in ("body", "condition"):
                 for sub in _called(instr.attrs, key):
-                    out += _walk_kernels(comps, sub, repeats * trip, seen)
+                    out += _walk_kernels(comps, sub, repeats * instr.trip_count, seen)
         elif op == "conditional":
             branches = [_walk_kernels(comps, sub, repeats, seen)
                         for key in ("branch_computations", "true_computation", "false_computation")
@@ -919,7 +929,7 @@ def _computation_repeats(comps, entry: str) -> dict[str, int]:
             return
         repeats[name] = times
         for instr in comps[name]:
-            inner = times * int(_attribute(instr.attrs, "known_trip_count") or 1) if instr.opcode == "while" else times
+            inner = times * instr.trip_count if instr.opcode == "while" else times
             for key in ("body", "condition", "calls", "to_apply", "branch_computations", "true_computation",
                         "false_computation"):
                 for sub in _called(instr.attrs, key):

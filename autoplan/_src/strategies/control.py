@@ -18,12 +18,11 @@ takes its ``in_specs`` / ``out_specs`` and pays the collectives of its body.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 from autoplan._src import compat
 from autoplan._src import graph as G
 from autoplan._src.strategies.base import (
-    Context, Spec, Strategy, enumerate_specs, from_partition_spec, register_strategy, spec_name)
+    Context, Strategy, enumerate_specs, from_partition_spec, register_strategy, spec_name)
 
 
 class UserShardingError(ValueError):
