@@ -597,6 +597,13 @@ def greedy_choice(problem: Problem) -> np.ndarray:
     return min(starts, key=lambda choice: objective_of(problem, choice))
 
 
+def _first_ops(problem: Problem) -> np.ndarray:
+    """Per variable, the first op (in graph order) that takes it."""
+    first_op = np.full(problem.num_vars, np.iinfo(np.int64).max)
+    np.minimum.at(first_op, problem.op_var, np.arange(len(problem.op_var)))
+    return first_op
+
+
 def _least_split(problem: Problem) -> np.ndarray:
     """Every variable at its allowed choice that splits least (replicated where it may be).
 
@@ -604,10 +611,8 @@ def _least_split(problem: Problem) -> np.ndarray:
     undo; on a small model (a tiny Hugging Face T5) that start was 10x the optimum and
     CP-SAT spent a minute climbing down from it.
     """
-    first_op = np.full(problem.num_vars, np.iinfo(np.int64).max)
-    np.minimum.at(first_op, problem.op_var, np.arange(len(problem.op_var)))
     choice = np.zeros(problem.num_vars, dtype=np.int64)
-    for v, op_id in enumerate(first_op):
+    for v, op_id in enumerate(_first_ops(problem)):
         strategies = problem.strategies[op_id]
         splits = np.array([sum(len(axes) for spec in strategies[i].output_specs + strategies[i].input_specs
                                if spec is not None for axes in spec) for i in problem.op_map[op_id]], dtype=float)
@@ -619,9 +624,7 @@ def _least_split(problem: Problem) -> np.ndarray:
 
 def _greedy(problem: Problem, *, groups_paid: bool) -> np.ndarray:
     """Each variable, in graph order, takes its cheapest choice given earlier ones; then ICM."""
-    first_op = np.full(problem.num_vars, np.iinfo(np.int64).max)
-    np.minimum.at(first_op, problem.op_var, np.arange(len(problem.op_var)))
-    order = np.argsort(first_op, kind="stable")
+    order = np.argsort(_first_ops(problem), kind="stable")
     neighbors = _neighbors(problem)
     choice = np.full(problem.num_vars, -1, dtype=np.int64)
     group_count: dict[tuple, int] = defaultdict(int)
