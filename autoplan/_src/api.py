@@ -311,23 +311,23 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     if best is None:
         raise errors[0] if len(errors) == 1 else intra.PlanningError(
             "no mesh shape admits a plan: " + "; ".join(str(e) for e in errors))
-    if in_shardings is None:
-        best = no_worse_than_baselines(best, fn, args, static_argnums, budget)
+    best = no_worse_than_baselines(best, fn, args, static_argnums, budget, in_shardings)
     return dataclasses.replace(best, cluster_origin=cluster_origin)
 
 
-def no_worse_than_baselines(best: P.Plan, fn, args, static_argnums, budget: float) -> P.Plan:
+def no_worse_than_baselines(best: P.Plan, fn, args, static_argnums, budget: float, in_shardings=None) -> P.Plan:
     """If the ILP stopped at its time limit, never return a plan predicted slower than a manual one.
 
     Data parallel, FSDP and Megatron x DP are points of the same search space, pinned; a time-limited
     solve can stop above them (a Hugging Face Llama at benchmark size: 60.7 ms vs data parallel's
     40.4 ms).  The cheapest that fits replaces the ILP's answer, and the plan's solver record says so.
+    Not where the user pinned ``in_shardings``: the baselines would override the pins.
     """
     import warnings
 
     from autoplan._src import baselines
 
-    if best.solver.get("status") == "optimal":
+    if in_shardings is not None or best.solver.get("status") == "optimal":
         return best
     names = ["data_parallel", "fsdp"] + (["megatron_dp"] if len(best.mesh.axis_names) > 1 else [])
     for name in names:

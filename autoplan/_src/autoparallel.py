@@ -134,8 +134,8 @@ class AutoParallel:
             shape = C.MeshShape.from_mesh(mesh)
             plan = api.plan_graph(graph, shape, cluster, memory_budget=budget, time_limit=self._time_limit,
                                   pinned=api.pinned_inputs(graph, self._in_shardings, shape))
-            if self._in_shardings is None:
-                plan = api.no_worse_than_baselines(plan, self._fun, args, self._static_argnums, budget)
+            plan = api.no_worse_than_baselines(plan, self._fun, args, self._static_argnums, budget,
+                                               self._in_shardings)
         else:
             mesh = self._device_mesh()
             plan = self._planner(self._fun, *args, mesh=mesh, cluster=cluster,
