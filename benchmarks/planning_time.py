@@ -16,10 +16,9 @@ import argparse
 import csv
 import os
 import platform
+import sys
 import time
 import warnings
-
-import sys
 
 import jax
 
@@ -29,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(HERE, "results")
 MODELS = ("gpt2-12", "gpt2-24", "gpt2-48")
 MESHES = {8: ((1, 8), ("data", "model")), 64: ((8, 8), ("data", "model"))}
 
