@@ -705,19 +705,19 @@ class Pipeline:
                                       f"pass a number of microbatches that divides {leaf.shape[0]}")
         packing = self.packing(params_for_shapes)
         act = self.activation_shape(params_for_shapes, batch_for_shapes)
-        kinds, virtual, micro = task_tables(sched)
         zeros_act = jnp.zeros(act.shape, act.dtype)
         zeros_grad = jnp.zeros((packing.length,), packing.dtype)
+        no_loss = jnp.zeros((), jnp.float32)
 
         def idle(flat, x, cot, batch):
-            return zeros_act, jnp.zeros((), jnp.float32), zeros_grad, zeros_act
+            return zeros_act, (zeros_grad, no_loss), zeros_act
 
         def forward(vs):
             def run(flat, x, cot, batch):
                 out = self._run(vs, flat, x, batch)
                 if vs == n_virtual - 1:
-                    return zeros_act, out.astype(jnp.float32), zeros_grad, zeros_act
-                return out, jnp.zeros((), jnp.float32), zeros_grad, zeros_act
+                    return zeros_act, (zeros_grad, out.astype(jnp.float32)), zeros_act
+                return out, (zeros_grad, no_loss), zeros_act
             return run
 
         def backward(vs):
@@ -727,53 +727,14 @@ class Pipeline:
                 if vs == n_virtual - 1:  # d(mean of B losses)/d(loss of one); varying over "stage" like out
                     seed = jax.lax.pcast(jnp.full(out.shape, 1.0 / b, out.dtype), "stage", to="varying")
                 grad, dx = vjp(seed)
-                return zeros_act, jnp.zeros((), jnp.float32), grad, (zeros_act if vs == 0 else dx)
+                return zeros_act, (grad, no_loss), (zeros_act if vs == 0 else dx)
             return run
 
-        def varying(branch):  # lax.switch needs every branch's outputs varying over "stage" alike
-            def run(*args):
-                return tuple(x + jax.lax.pcast(jnp.zeros((), x.dtype), "stage", to="varying")
-                             for x in branch(*args))
-            return run
-
-        branches = [varying(f) for f in [idle] + [forward(vs) for vs in range(n_virtual)]
-                    + [backward(vs) for vs in range(n_virtual)]]
-        ahead = [(i, (i + 1) % stages) for i in range(stages)]
-        behind = [(i, (i - 1) % stages) for i in range(stages)]
+        branches = [idle] + [forward(vs) for vs in range(n_virtual)] + [backward(vs) for vs in range(n_virtual)]
 
         def body(packed, batch):
-            s = jax.lax.axis_index("stage")
-            tables = jnp.asarray(kinds), jnp.asarray(virtual), jnp.asarray(micro)
-
-            def task(t, stage):
-                return tuple(table[t, stage] for table in tables)
-
-            def tick(t, carry):
-                act_in, cot_in, grads, loss = carry
-                kind, vs, m = task(t, s)
-                chunk = vs // stages
-                mb = jax.tree_util.tree_map(
-                    lambda x: jax.lax.dynamic_slice_in_dim(x, m * (x.shape[0] // b), x.shape[0] // b), batch)
-                index = jnp.where(kind == 0, 0, jnp.where(kind == 1, 1 + vs, 1 + n_virtual + vs))
-                y, loss_m, grad, dx = jax.lax.switch(index, branches, packed[0, chunk], act_in[chunk, m],
-                                                     cot_in[chunk, m], mb)
-                grads = grads.at[chunk].add(grad)
-                loss = loss + loss_m
-                y = jax.lax.ppermute(y, "stage", ahead)
-                dx = jax.lax.ppermute(dx, "stage", behind)
-                kind_p, vs_p, m_p = task(t, (s - 1) % stages)
-                got = (kind_p == 1) & (vs_p < n_virtual - 1)
-                act_in = jnp.where(got, act_in.at[(vs_p + 1) // stages, m_p].set(y), act_in)
-                kind_n, vs_n, m_n = task(t, (s + 1) % stages)
-                got = (kind_n == 2) & (vs_n > 0)
-                cot_in = jnp.where(got, cot_in.at[(vs_n - 1) // stages, m_n].set(dx), cot_in)
-                return act_in, cot_in, grads, loss
-
-            buffers = jnp.zeros((v, b, *act.shape), act.dtype)
-            carry = (buffers, buffers, jnp.zeros((v, packing.length), packing.dtype), jnp.zeros((), jnp.float32))
-            carry = tuple(jax.lax.pcast(x, "stage", to="varying") for x in carry)
-            _, _, grads, loss = jax.lax.fori_loop(0, sched.num_ticks, tick, carry)
-            return grads[None], jax.lax.psum(loss, "stage") / b
+            grads, loss = run_ticks(sched, branches, packed[0], batch, zeros_act, zeros_act, (zeros_grad, no_loss))
+            return grads[None], jax.lax.psum(loss.sum(), "stage") / b
 
         P = jax.sharding.PartitionSpec
         return jax.shard_map(body, mesh=mesh, in_specs=(P("stage"), P()), out_specs=(P("stage"), P()),
@@ -813,6 +774,69 @@ def task_tables(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return kinds, virtual, micro
 
 
+def run_ticks(sched: Schedule, branches: Sequence[Callable], params_row, batch, act_zero, cot_zero, contrib_zero):
+    """The schedule's tick loop on one device row, inside ``jax.shard_map`` manual over ``"stage"``.
+
+    ``branches`` are ``[idle, forward(vs) for each virtual stage, backward(vs) for each]``, each
+    ``(params of the chunk, activation in, cotangent in, microbatch) -> (activation out, contribution,
+    cotangent out)``; activations and cotangents are pytrees shaped like ``act_zero`` / ``cot_zero``
+    and move to the next / previous stage with ``lax.ppermute`` every tick; each task's contribution
+    (gradients, losses: a pytree like ``contrib_zero``) is summed per chunk.  ``params_row`` is this
+    row's ``[v, ...]`` parameters.  Returns the summed contributions, each leaf ``[v, ...]``.
+    """
+    stages, v, b = sched.num_stages, sched.virtual, sched.num_microbatches
+    n_virtual = stages * v
+    kinds, virtual, micro = task_tables(sched)
+
+    def varying(branch):  # lax.switch needs every branch's outputs varying over "stage" alike
+        def run(*args):
+            return jax.tree_util.tree_map(lambda x: x + jax.lax.pcast(jnp.zeros((), x.dtype), "stage", to="varying"),
+                                          branch(*args))
+        return run
+
+    branches = [varying(f) for f in branches]
+    ahead = [(i, (i + 1) % stages) for i in range(stages)]
+    behind = [(i, (i - 1) % stages) for i in range(stages)]
+    s = jax.lax.axis_index("stage")
+    tables = jnp.asarray(kinds), jnp.asarray(virtual), jnp.asarray(micro)
+
+    def task(t, stage):
+        return tuple(table[t, stage] for table in tables)
+
+    def stashed(buffers, chunk, m):
+        return jax.tree_util.tree_map(lambda x: x[chunk, m], buffers)
+
+    def store(buffers, got, chunk, m, value):
+        return jax.tree_util.tree_map(lambda x, y: jnp.where(got, x.at[chunk, m].set(y), x), buffers, value)
+
+    def tick(t, carry):
+        act_in, cot_in, acc = carry
+        kind, vs, m = task(t, s)
+        chunk = vs // stages
+        mb = jax.tree_util.tree_map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, m * (x.shape[0] // b), x.shape[0] // b), batch)
+        index = jnp.where(kind == 0, 0, jnp.where(kind == 1, 1 + vs, 1 + n_virtual + vs))
+        y, contrib, dx = jax.lax.switch(index, branches, jax.tree_util.tree_map(lambda x: x[chunk], params_row),
+                                        stashed(act_in, chunk, m), stashed(cot_in, chunk, m), mb)
+        acc = jax.tree_util.tree_map(lambda a, g: a.at[chunk].add(g), acc, contrib)
+        y = jax.lax.ppermute(y, "stage", ahead)
+        dx = jax.lax.ppermute(dx, "stage", behind)
+        kind_p, vs_p, m_p = task(t, (s - 1) % stages)
+        act_in = store(act_in, (kind_p == 1) & (vs_p < n_virtual - 1), (vs_p + 1) // stages, m_p, y)
+        kind_n, vs_n, m_n = task(t, (s + 1) % stages)
+        cot_in = store(cot_in, (kind_n == 2) & (vs_n > 0), (vs_n - 1) // stages, m_n, dx)
+        return act_in, cot_in, acc
+
+    def buffers(zero):
+        return jax.tree_util.tree_map(lambda x: jnp.zeros((v, b, *x.shape), x.dtype), zero)
+
+    carry = (buffers(act_zero), buffers(cot_zero),
+             jax.tree_util.tree_map(lambda x: jnp.zeros((v, *x.shape), x.dtype), contrib_zero))
+    carry = jax.tree_util.tree_map(lambda x: jax.lax.pcast(x, "stage", to="varying"), carry)
+    _, _, acc = jax.lax.fori_loop(0, sched.num_ticks, tick, carry)
+    return acc
+
+
 def gpt_layers(spec) -> list[Layer]:
     """The zoo GPT (`autoplan.models.gpt`) as a layer sequence: embeddings, each block, final norm + head + loss."""
     import flax.linen as nn
@@ -844,24 +868,22 @@ def gpt_layers(spec) -> list[Layer]:
 
 
 def emit_accumulated(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True):
-    """A plan with microbatches and one stage as a runnable program: `accumulate` under ``jax.jit`` with the
-    plan's input and output shardings (XLA places the intermediates; anchors are not pinned).
-
-    A plan with several stages runs only through `Pipeline` (a model written as a layer sequence): a
-    general traced step cannot be cut into stage programs yet, and this says so.
+    """A plan with microbatches as a runnable program under ``jax.jit`` with the plan's input and output
+    shardings (XLA places the intermediates; anchors are not pinned): `accumulate` for one stage, the
+    pipeline of `autoplan._src.staging` for several.
     """
     from autoplan._src import emit as E
+    from autoplan._src import staging
 
     if len(plan.stages) > 1:
-        raise NotImplementedError(
-            f"the plan pipelines the step over {len(plan.stages)} stages, but autoparallel cannot yet run a general "
-            "traced step as a pipeline; pass stages=1 (gradient accumulation over microbatches runs), or write the "
-            "model as a layer sequence and run it with autoplan.Pipeline (see autoplan.pipeline_gpt_layers)")
+        run = staging.staged_step(plan, fun, mesh)
+    else:
+        run = accumulate(fun, microbatches=plan.microbatches)
     in_shardings = jax.tree_util.tree_unflatten(graph.input_tree, E.leaf_shardings(plan.inputs, mesh))
     out_shardings = jax.tree_util.tree_unflatten(graph.output_tree, E.leaf_shardings(plan.outputs, mesh))
     donate_argnums = E._donated_arguments(graph) if donate else ()
-    jitted = jax.jit(accumulate(fun, microbatches=plan.microbatches), in_shardings=tuple(in_shardings),
-                     out_shardings=out_shardings, donate_argnums=donate_argnums)
+    jitted = jax.jit(run, in_shardings=tuple(in_shardings), out_shardings=out_shardings,
+                     donate_argnums=donate_argnums)
     return E.Program(plan=plan, mesh=mesh, graph=graph, jitted=jitted, in_shardings=tuple(in_shardings),
                      out_shardings=out_shardings, donate_argnums=donate_argnums)
 

@@ -1,0 +1,363 @@
+"""A traced training step cut into pipeline stage programs and run as one SPMD pipeline.
+
+`autoparallel` runs a plan with several stages through this module, on the step
+exactly as the user wrote it: no layer list, no second differentiation.  The
+step is traced at the microbatch size and cut at its gradients (`pipeline.
+split_at_gradients`).  Each op of the gradient part gets a virtual stage: the
+stage of its pipeline layer (`inter.layer_units`), moved later for a forward op
+whose operand is made later, and earlier for a backward op whose cotangent
+operand is made earlier, so that forward values only flow to later stages and
+cotangents only to earlier ones.  Then:
+
+* ``F(vs)`` runs the forward ops of virtual stage ``vs`` and sends the next
+  stage every forward value that a later stage reads (its own, and those it
+  received and passes on);
+* ``B(vs)`` recomputes the stage's forward from the values it received and
+  stashed (activation checkpointing at stage boundaries), runs the stage's own
+  backward ops (the user's: custom VJPs and remat policies are kept), and
+  sends the previous stage every value an earlier stage's backward reads;
+* the gradients and losses each stage makes (the values the update reads) are
+  summed over microbatches on their stage and averaged; the update part runs
+  once, after the pipeline, under ``jax.jit`` with the plan's shardings.
+
+Values crossing a stage boundary travel packed: one flat buffer per dtype, as
+long as the longest boundary needs, moved with ``lax.ppermute`` every tick
+(`pipeline.run_ticks`).  Float parameters are packed per virtual stage,
+``[S, v, length]`` sharded over ``"stage"``, so inside the pipeline no device
+holds another stage's weights; other inputs (integer counters, PRNG keys) are
+passed whole.  Between steps the parameters and optimizer state are held as
+the plan's leaf shardings say, which do not split over ``"stage"``: every stage
+row keeps a copy, and the update runs on every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from autoplan._src import graph as G
+from autoplan._src import inter
+from autoplan._src import pipeline as PL
+
+_COMPUTE = (G.FORWARD, G.BACKWARD, G.OPTIMIZER)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Packing:
+    """Groups of tensors, each packed into flat per-dtype buffers from offset 0; every group's buffers
+    have one length per dtype (the longest group's), so any group fits the same buffers.
+
+    >>> layout = packing([[0, 1], [2]], dtype_of=lambda t: "float32", size_of=lambda t: 3)
+    >>> layout.lengths, layout.slots[1][1]
+    ({'float32': 6}, ('float32', 3))
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    slots: tuple[dict, ...]  # per group: tensor -> (dtype, offset)
+    lengths: dict  # dtype -> buffer length
+
+    def zeros(self) -> dict:
+        return {dtype: jnp.zeros((n,), dtype) for dtype, n in self.lengths.items()}
+
+    def pack(self, values: dict, group: int) -> dict:
+        parts: dict[str, list] = {dtype: [] for dtype in self.lengths}
+        for t in self.groups[group]:
+            parts[self.slots[group][t][0]].append(jnp.ravel(values[t]))
+        out = {}
+        for dtype, n in self.lengths.items():
+            flat = jnp.concatenate(parts[dtype]) if parts[dtype] else jnp.zeros((0,), dtype)
+            out[dtype] = jnp.pad(flat, (0, n - flat.shape[0]))
+        return out
+
+    def unpack(self, buffers: dict, group: int, shapes: dict) -> dict:
+        values = {}
+        for t in self.groups[group]:
+            dtype, offset = self.slots[group][t]
+            size = math.prod(shapes[t])
+            values[t] = jax.lax.slice_in_dim(buffers[dtype], offset, offset + size).reshape(shapes[t])
+        return values
+
+
+def packing(groups: Sequence[Sequence[int]], dtype_of: Callable[[int], str], size_of: Callable[[int], int]) -> Packing:
+    """The `Packing` of ``groups`` of tensor ids."""
+    slots, lengths = [], {}
+    for group in groups:
+        used: dict[str, int] = {}
+        slot = {}
+        for t in group:
+            dtype = dtype_of(t)
+            slot[t] = (dtype, used.get(dtype, 0))
+            used[dtype] = used.get(dtype, 0) + size_of(t)
+        slots.append(slot)
+        for dtype, n in used.items():
+            lengths[dtype] = max(lengths.get(dtype, 0), n)
+    return Packing(groups=tuple(tuple(g) for g in groups), slots=tuple(slots), lengths=lengths)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StageCut:
+    """The gradient part of a step cut into ``n`` virtual stages (see the module docstring)."""
+
+    split: PL.GradientSplit
+    stage_of: tuple[int, ...]  # per op; -1 for inputs, constants and ops outside the gradient part
+    forward: tuple[tuple[int, ...], ...]  # F(vs): ops in order, constants they read included
+    backward: tuple[tuple[int, ...], ...]  # B(vs): the stage's forward (recomputed) and its backward ops
+    ahead: tuple[tuple[int, ...], ...]  # tensors vs sends to vs + 1
+    back: tuple[tuple[int, ...], ...]  # tensors vs sends to vs - 1
+    inputs: tuple[tuple[int, ...], ...]  # input leaves (not batch) each virtual stage reads
+    forward_cut: tuple[tuple[int, ...], ...]  # gradients / losses made by F(vs)
+    backward_cut: tuple[tuple[int, ...], ...]  # made by B(vs)
+    outside_cut: tuple[int, ...]  # made by no stage (constants)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.forward)
+
+
+def _assign(split: PL.GradientSplit, unit_stage: Sequence[int]) -> list[int]:
+    """Virtual stage of each op: its layer's, later for forward ops, earlier for backward ops as their
+    operands need."""
+    graph = split.graph
+    stage = [-1] * len(graph.ops)
+    for i in split.gradient_ops:
+        op = graph.ops[i]
+        if op.role not in _COMPUTE:
+            continue
+        producers = [graph.ops[graph.tensors[t].producer] for t in op.inputs if t != G.LITERAL]
+        if op.role == G.BACKWARD:
+            stage[i] = min([unit_stage[i]] + [stage[p.id] for p in producers if p.role == G.BACKWARD])
+            continue
+        for p in producers:
+            if p.role == G.BACKWARD:
+                raise NotImplementedError(
+                    f"{op.label} at {op.source} is a forward op that reads a backward value ({p.label}); "
+                    "the pipeline cannot place it. Run this step with stages=1")
+        stage[i] = max([unit_stage[i]] + [stage[p.id] for p in producers])
+    return stage
+
+
+def cut_stages(split: PL.GradientSplit, bounds: Sequence[tuple[int, int]]) -> StageCut:
+    """Cut ``split``'s gradient part into virtual stages, stage ``k`` owning pipeline layers
+    ``bounds[k]`` (ranges of `inter.layer_units` of the traced graph)."""
+    graph = split.graph
+    units = inter.layer_units(graph)
+    if bounds[-1][1] != len(units):
+        raise ValueError(f"stage layer ranges {list(bounds)} do not cover the step's {len(units)} layers")
+    stage_of_unit = {u: k for k, (start, end) in enumerate(bounds) for u in range(start, end)}
+    stage = _assign(split, [stage_of_unit[u] for u in inter.op_units(graph, units)])
+    n = len(bounds)
+    ahead: list[set[int]] = [set() for _ in range(n)]
+    back: list[set[int]] = [set() for _ in range(n)]
+    for i in split.gradient_ops:
+        for t in graph.ops[i].inputs:
+            made = stage[graph.tensors[t].producer] if t != G.LITERAL else -1
+            if stage[i] < 0 or made < 0:
+                continue
+            for k in range(made, stage[i]):  # forward value to a later stage
+                ahead[k].add(t)
+            for k in range(stage[i] + 1, made + 1):  # to an earlier stage's backward
+                back[k].add(t)
+
+    def ops_reading(ops):
+        extra = {graph.tensors[t].producer for i in ops for t in graph.ops[i].inputs
+                 if t != G.LITERAL and graph.ops[graph.tensors[t].producer].role == G.CONSTANT}
+        return tuple(sorted(set(ops) | extra))
+
+    forward, backward, inputs, forward_cut, backward_cut = [], [], [], [], []
+    batch = {graph.input_ops[leaf] for leaf in split.batch_inputs}
+    for k in range(n):
+        mine = [i for i in split.gradient_ops if stage[i] == k]
+        fwd = [i for i in mine if graph.ops[i].role != G.BACKWARD]
+        forward.append(ops_reading(fwd))
+        backward.append(ops_reading(mine))
+        read = {graph.tensors[t].producer for i in mine for t in graph.ops[i].inputs if t != G.LITERAL}
+        inputs.append(tuple(graph.input_ops.index(o) for o in sorted(read)
+                            if graph.ops[o].role == G.INPUT and o not in batch))
+        made = [t for t in split.cut if stage[graph.tensors[t].producer] == k]
+        forward_cut.append(tuple(t for t in made if graph.ops[graph.tensors[t].producer].role != G.BACKWARD))
+        backward_cut.append(tuple(t for t in made if graph.ops[graph.tensors[t].producer].role == G.BACKWARD))
+    outside = tuple(t for t in split.cut if stage[graph.tensors[t].producer] < 0)
+    return StageCut(split=split, stage_of=tuple(stage), forward=tuple(forward), backward=tuple(backward),
+                    ahead=tuple(tuple(sorted(a)) for a in ahead), back=tuple(tuple(sorted(b)) for b in back),
+                    inputs=tuple(inputs), forward_cut=tuple(forward_cut), backward_cut=tuple(backward_cut),
+                    outside_cut=outside)
+
+
+def even_bounds(num_units: int, parts: int) -> list[tuple[int, int]]:
+    """``num_units`` layers in ``parts`` contiguous ranges of equal size (the first get the remainder).
+
+    >>> even_bounds(5, 2)
+    [(0, 3), (3, 5)]
+    """
+    if parts > num_units:
+        raise ValueError(f"{parts} pipeline stages (x chunks) but the step has only {num_units} pipeline layers; "
+                         f"use at most {num_units}")
+    size, extra = divmod(num_units, parts)
+    ends = list(itertools.accumulate(size + (k < extra) for k in range(parts)))
+    return list(zip([0] + ends[:-1], ends))
+
+
+class StagedStep:
+    """``step`` run as a pipeline: its traced gradient part cut into the stages of ``bounds`` and driven by
+    ``schedule`` on ``mesh``'s ``"stage"`` axis; called like the step (under ``jax.jit``).
+
+    ``bounds`` are the layer ranges (of `inter.layer_units`) of the ``S * v`` virtual stages in order;
+    virtual stage ``c * S + s`` runs on stage row ``s``.
+    """
+
+    def __init__(self, step: Callable, schedule: PL.Schedule, mesh: jax.sharding.Mesh,
+                 bounds: Sequence[tuple[int, int]] | None = None, batch_argnum: int = -1):
+        if mesh.shape.get("stage") != schedule.num_stages:
+            raise ValueError(f"the pipeline needs a 'stage' mesh axis of size {schedule.num_stages}; "
+                             f"mesh has {dict(mesh.shape)}")
+        self.schedule, self.mesh, self.bounds = schedule, mesh, bounds
+        self.accumulated = PL.Accumulated(step, schedule.num_microbatches, batch_argnum)
+        self._cuts: dict[int, StageCut] = {}
+
+    def cut(self, *args) -> StageCut:
+        split = self.accumulated.split(*args)
+        if id(split) not in self._cuts:
+            parts = self.schedule.num_stages * self.schedule.virtual
+            bounds = self.bounds or even_bounds(len(inter.layer_units(split.graph)), parts)
+            if len(bounds) != parts:
+                raise ValueError(f"{len(bounds)} layer ranges for {self.schedule.num_stages} stages x "
+                                 f"{self.schedule.virtual} chunks; give one per virtual stage")
+            self._cuts[id(split)] = cut_stages(split, bounds)
+        return self._cuts[id(split)]
+
+    def __call__(self, *args):
+        cut = self.cut(*args)
+        split, graph = cut.split, cut.split.graph
+        leaves = jax.tree_util.tree_leaves(args)
+        leaf_tensor = [graph.ops[o].outputs[0] for o in graph.input_ops]
+        packed_leaves = sorted({i for ins in cut.inputs for i in ins if _is_float(graph.tensors[leaf_tensor[i]].dtype)})
+        whole = sorted({i for ins in cut.inputs for i in ins} - set(packed_leaves))
+        params = _pack_params(cut, graph, leaves, leaf_tensor, packed_leaves, self.schedule)
+        batch = [leaves[i] for i in split.batch_inputs]
+        sums = self._pipeline(cut, params.layout, packed_leaves, whole, leaf_tensor)(
+            params.buffers, [leaves[i] for i in whole], batch)
+        return self._update(cut, leaves, leaf_tensor, sums)
+
+    def _pipeline(self, cut: StageCut, param_layout: Packing, packed_leaves, whole, leaf_tensor):
+        """``(packed params, whole inputs, batch) -> per-stage sums of the cut values`` as one shard_map."""
+        graph, split, sched = cut.split.graph, cut.split, self.schedule
+        n = cut.num_stages
+        shapes = {t.id: t.shape for t in graph.tensors}
+        dtype_of, size_of = (lambda t: graph.tensors[t].dtype), (lambda t: graph.tensors[t].size)
+        acts, cots = packing(cut.ahead, dtype_of, size_of), packing(cut.back, dtype_of, size_of)
+        made = [cut.forward_cut[k] + cut.backward_cut[k] for k in range(n)]
+        sums = packing(made, lambda t: "float32", size_of)
+        batch_tensors = [leaf_tensor[i] for i in split.batch_inputs]
+        whole_tensors = [leaf_tensor[i] for i in whole]
+
+        def environment(vs, flat, whole_values, micro, received: dict):
+            env = dict(zip(whole_tensors, whole_values))
+            env.update(zip(batch_tensors, micro))
+            env.update(param_layout.unpack(flat, vs, shapes))
+            env.update(received)
+            return env
+
+        def contributions(env, vs, tensors):
+            values = {t: env[t].astype(jnp.float32) if t in tensors else jnp.zeros(shapes[t], jnp.float32)
+                      for t in made[vs]}
+            return (sums.pack(values, vs),)
+
+        def branches(whole_values):
+            def idle(flat, act, cot, micro):
+                return acts.zeros(), (sums.zeros(),), cots.zeros()
+
+            def forward(vs):
+                def run(flat, act, cot, micro):
+                    received = acts.unpack(act, vs - 1, shapes) if vs else {}
+                    env = PL.evaluate_ops(graph, split.items, cut.forward[vs],
+                                          environment(vs, flat, whole_values, micro, received))
+                    out = acts.pack(env, vs) if vs < n - 1 else acts.zeros()
+                    return out, contributions(env, vs, cut.forward_cut[vs]), cots.zeros()
+                return run
+
+            def backward(vs):
+                def run(flat, act, cot, micro):
+                    received = acts.unpack(act, vs - 1, shapes) if vs else {}
+                    if vs < n - 1:
+                        received.update(cots.unpack(cot, vs + 1, shapes))
+                    env = PL.evaluate_ops(graph, split.items, cut.backward[vs],
+                                          environment(vs, flat, whole_values, micro, received))
+                    out = cots.pack(env, vs) if vs else cots.zeros()
+                    return acts.zeros(), contributions(env, vs, cut.backward_cut[vs]), out
+                return run
+
+            return [idle] + [forward(vs) for vs in range(n)] + [backward(vs) for vs in range(n)]
+
+        def body(packed, whole_values, batch):
+            row = {dtype: x[0] for dtype, x in packed.items()}
+            (total,) = PL.run_ticks(sched, branches(whole_values), row, batch, acts.zeros(), cots.zeros(),
+                                    (sums.zeros(),))
+            return {dtype: x[None] for dtype, x in total.items()}
+
+        spec = jax.sharding.PartitionSpec
+        shard = jax.shard_map(body, mesh=self.mesh, in_specs=(spec("stage"), spec(), spec()),
+                              out_specs=spec("stage"), axis_names={"stage"}, check_vma=False)
+
+        def run(packed, whole_values, batch):
+            total = shard(packed, whole_values, batch)  # [S, v, length]
+            values = {}
+            for vs in range(n):
+                row = {dtype: x[vs % sched.num_stages, vs // sched.num_stages] for dtype, x in total.items()}
+                values.update(sums.unpack(row, vs, shapes))
+            return values
+
+        return run
+
+    def _update(self, cut: StageCut, leaves, leaf_tensor, sums: dict):
+        """The update part, once: the averaged gradients and losses in, the step's outputs out."""
+        split, graph, b = cut.split, cut.split.graph, self.schedule.num_microbatches
+        batch = set(split.batch_inputs)
+        env = {leaf_tensor[i]: x for i, x in enumerate(leaves) if i not in batch}
+        if cut.outside_cut:
+            env = PL.evaluate_ops(graph, split.items, PL.ancestors(graph, cut.outside_cut, known=set(env)), env)
+        for t, total in sums.items():
+            env[t] = (total / b).astype(graph.tensors[t].dtype)
+        env = PL.evaluate_ops(graph, split.items, split.update_ops, env)
+        outs = [env[graph.ops[o].inputs[0]] for o in graph.output_ops]
+        return jax.tree_util.tree_unflatten(graph.output_tree, outs)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _PackedParams:
+    layout: Packing
+    buffers: dict  # dtype -> [S, v, length]
+
+
+def _pack_params(cut: StageCut, graph: G.Graph, leaves, leaf_tensor, packed_leaves, sched: PL.Schedule):
+    """Each virtual stage's float input leaves in flat per-dtype buffers, stacked ``[S, v, length]``."""
+    groups = [[leaf_tensor[i] for i in ins if i in set(packed_leaves)] for ins in cut.inputs]
+    layout = packing(groups, lambda t: graph.tensors[t].dtype, lambda t: graph.tensors[t].size)
+    value = {leaf_tensor[i]: leaves[i] for i in packed_leaves}
+    rows = [layout.pack(value, k) for k in range(len(groups))]
+    stages, v = sched.num_stages, sched.virtual
+    buffers = {dtype: jnp.stack([r[dtype] for r in rows]).reshape(v, stages, -1).transpose(1, 0, 2)
+               for dtype in layout.lengths}
+    return _PackedParams(layout=layout, buffers=buffers)
+
+
+def _is_float(dtype: str) -> bool:
+    return any(dtype.startswith(k) for k in ("float", "bfloat"))
+
+
+def plan_bounds(plan) -> list[tuple[int, int]] | None:
+    """The virtual stages' layer ranges a plan runs with: its stages' ranges, or for interleaved 1F1B
+    (``v`` chunks per stage row, which the stage DP does not choose) equal ranges, found later."""
+    if plan.schedule == "interleaved":
+        return None
+    return [(stage.start, stage.end) for stage in plan.stages]
+
+
+def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh) -> StagedStep:
+    """``fun`` pipelined as ``plan`` says (its stages, schedule and microbatches) on ``mesh``."""
+    sched = PL.schedule(plan.schedule, stages=len(plan.stages), microbatches=plan.microbatches)
+    return StagedStep(fun, sched, mesh, plan_bounds(plan))
