@@ -223,14 +223,6 @@ def test_autoparallel_microbatches_equals_full_batch():
     _assert_same(got[0], ref[0], rtol=1e-5, atol=1e-6)
 
 
-def test_autoparallel_refuses_to_run_several_stages_of_a_traced_step():
-    spec = _gpt(layers=2, hidden=32, seq_len=8, vocab_size=64)
-    params, opt_state = spec.abstract_state()
-    step = autoplan.autoparallel(spec.train_step, cluster="a100-8x", stages=2, microbatches=2)
-    with pytest.raises(NotImplementedError, match="pipelines the step over 2 stages.*autoplan.Pipeline"):
-        step.lower(params, opt_state, spec.abstract_batch())
-
-
 def test_pipeline_bounds_from_plan_stages():
     spec = _gpt(layers=4, hidden=32, seq_len=8, vocab_size=64)
     layers = pl.gpt_layers(spec)

@@ -5,8 +5,8 @@ Three parts: `schedule` (GPipe, 1F1B and interleaved 1F1B tables); `accumulate`
 accumulation, exact for a loss that is a mean over independent examples); and
 `Pipeline`, the SPMD pipeline runtime for a model written as a sequence of
 `Layer`s whose stage boundaries carry one activation shape (`gpt_layers`
-adapts the zoo GPT).  A general traced step is not yet cut into stage
-programs: `emit_accumulated` refuses plans with several stages.
+adapts the zoo GPT).  A general traced step runs as a pipeline through
+`autoplan._src.staging`, which shares this module's tick loop (`run_ticks`).
 
 A schedule is a table of `Task`s ``(tick, stage, microbatch, kind, chunk)``:
 at ``tick`` the devices of pipeline ``stage`` run the forward ("F") or

@@ -235,39 +235,57 @@ class StagedStep:
         split, graph = cut.split, cut.split.graph
         leaves = jax.tree_util.tree_leaves(args)
         leaf_tensor = [graph.ops[o].outputs[0] for o in graph.input_ops]
-        packed_leaves = sorted({i for ins in cut.inputs for i in ins if _is_float(graph.tensors[leaf_tensor[i]].dtype)})
-        whole = sorted({i for ins in cut.inputs for i in ins} - set(packed_leaves))
-        params = _pack_params(cut, graph, leaves, leaf_tensor, packed_leaves, self.schedule)
-        batch = [leaves[i] for i in split.batch_inputs]
-        sums = self._pipeline(cut, params.layout, packed_leaves, whole, leaf_tensor)(
-            params.buffers, [leaves[i] for i in whole], batch)
+        read = sorted({i for ins in cut.inputs for i in ins})
+        sums = self._pipeline(cut, leaf_tensor)([leaves[i] for i in read], [leaves[i] for i in split.batch_inputs])
         return self._update(cut, leaves, leaf_tensor, sums)
 
-    def _pipeline(self, cut: StageCut, param_layout: Packing, packed_leaves, whole, leaf_tensor):
-        """``(packed params, whole inputs, batch) -> per-stage sums of the cut values`` as one shard_map."""
+    def p2p_bytes(self, *args) -> float:
+        """Bytes each device sends point-to-point per step: every tick moves the packed forward buffers
+        ahead and the packed backward buffers back (idle ticks send zeros: a collective runs on every
+        device)."""
+        acts, cots, _ = _layouts(self.cut(*args))
+        per_tick = sum(n * G.itemsize(d) for layout in (acts, cots) for d, n in layout.lengths.items())
+        return float(self.schedule.num_ticks * per_tick)
+
+    def gather_bytes(self, *args) -> float:
+        """Bytes of the one all-gather after the ticks that gives every stage row every stage's summed
+        gradients and losses (float32), for the update every row runs."""
+        _, _, sums = _layouts(self.cut(*args))
+        return float(self.schedule.num_stages * self.schedule.virtual * 4 * sums.lengths.get("float32", 0))
+
+    def _pipeline(self, cut: StageCut, leaf_tensor):
+        """``(inputs the stages read, batch) -> per-stage sums of the cut values`` as one shard_map."""
         graph, split, sched = cut.split.graph, cut.split, self.schedule
         n = cut.num_stages
         shapes = {t.id: t.shape for t in graph.tensors}
-        dtype_of, size_of = (lambda t: graph.tensors[t].dtype), (lambda t: graph.tensors[t].size)
-        acts, cots = packing(cut.ahead, dtype_of, size_of), packing(cut.back, dtype_of, size_of)
-        made = [cut.forward_cut[k] + cut.backward_cut[k] for k in range(n)]
-        sums = packing(made, lambda t: "float32", size_of)
+        acts, cots, sums = _layouts(cut)
+        made = sums.groups
         batch_tensors = [leaf_tensor[i] for i in split.batch_inputs]
-        whole_tensors = [leaf_tensor[i] for i in whole]
+        read = sorted({i for ins in cut.inputs for i in ins})
+        floats = [leaf_tensor[i] for i in read if _is_float(graph.tensors[leaf_tensor[i]].dtype)]
+        params = packing([[leaf_tensor[i] for i in ins if leaf_tensor[i] in floats] for ins in cut.inputs],
+                         lambda t: graph.tensors[t].dtype, lambda t: graph.tensors[t].size)
+        others = [leaf_tensor[i] for i in read if leaf_tensor[i] not in floats]
 
-        def environment(vs, flat, whole_values, micro, received: dict):
-            env = dict(zip(whole_tensors, whole_values))
+        def environment(vs, flat, inputs: dict, micro, received: dict):
+            env = {t: inputs[t] for t in others}
             env.update(zip(batch_tensors, micro))
-            env.update(param_layout.unpack(flat, vs, shapes))
+            env.update(params.unpack(flat, vs, shapes))
             env.update(received)
             return env
+
+        def own_row(inputs: dict):
+            """This stage row's float inputs packed ``[v, length]`` per dtype (local: inputs are whole here)."""
+            rows = [lambda s=s: _stack([params.pack(inputs, c * sched.num_stages + s) for c in range(sched.virtual)])
+                    for s in range(sched.num_stages)]
+            return jax.lax.switch(jax.lax.axis_index("stage"), rows)
 
         def contributions(env, vs, tensors):
             values = {t: env[t].astype(jnp.float32) if t in tensors else jnp.zeros(shapes[t], jnp.float32)
                       for t in made[vs]}
             return (sums.pack(values, vs),)
 
-        def branches(whole_values):
+        def branches(inputs):
             def idle(flat, act, cot, micro):
                 return acts.zeros(), (sums.zeros(),), cots.zeros()
 
@@ -275,7 +293,7 @@ class StagedStep:
                 def run(flat, act, cot, micro):
                     received = acts.unpack(act, vs - 1, shapes) if vs else {}
                     env = PL.evaluate_ops(graph, split.items, cut.forward[vs],
-                                          environment(vs, flat, whole_values, micro, received))
+                                          environment(vs, flat, inputs, micro, received))
                     out = acts.pack(env, vs) if vs < n - 1 else acts.zeros()
                     return out, contributions(env, vs, cut.forward_cut[vs]), cots.zeros()
                 return run
@@ -286,25 +304,26 @@ class StagedStep:
                     if vs < n - 1:
                         received.update(cots.unpack(cot, vs + 1, shapes))
                     env = PL.evaluate_ops(graph, split.items, cut.backward[vs],
-                                          environment(vs, flat, whole_values, micro, received))
+                                          environment(vs, flat, inputs, micro, received))
                     out = cots.pack(env, vs) if vs else cots.zeros()
                     return acts.zeros(), contributions(env, vs, cut.backward_cut[vs]), out
                 return run
 
             return [idle] + [forward(vs) for vs in range(n)] + [backward(vs) for vs in range(n)]
 
-        def body(packed, whole_values, batch):
-            row = {dtype: x[0] for dtype, x in packed.items()}
-            (total,) = PL.run_ticks(sched, branches(whole_values), row, batch, acts.zeros(), cots.zeros(),
+        def body(read_values, batch):
+            inputs = dict(zip([leaf_tensor[i] for i in read], read_values))
+            (total,) = PL.run_ticks(sched, branches(inputs), own_row(inputs), batch, acts.zeros(), cots.zeros(),
                                     (sums.zeros(),))
-            return {dtype: x[None] for dtype, x in total.items()}
+            # Every row runs the update on whole gradients: gather the stages' sums (one all-gather).
+            return {dtype: jax.lax.all_gather(x, "stage") for dtype, x in total.items()}
 
         spec = jax.sharding.PartitionSpec
-        shard = jax.shard_map(body, mesh=self.mesh, in_specs=(spec("stage"), spec(), spec()),
-                              out_specs=spec("stage"), axis_names={"stage"}, check_vma=False)
+        shard = jax.shard_map(body, mesh=self.mesh, in_specs=(spec(), spec()),
+                              out_specs=spec(), axis_names={"stage"}, check_vma=False)
 
-        def run(packed, whole_values, batch):
-            total = shard(packed, whole_values, batch)  # [S, v, length]
+        def run(read_values, batch):
+            total = shard(read_values, batch)  # [S, v, length]
             values = {}
             for vs in range(n):
                 row = {dtype: x[vs % sched.num_stages, vs // sched.num_stages] for dtype, x in total.items()}
@@ -327,22 +346,17 @@ class StagedStep:
         return jax.tree_util.tree_unflatten(graph.output_tree, outs)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class _PackedParams:
-    layout: Packing
-    buffers: dict  # dtype -> [S, v, length]
+def _layouts(cut: StageCut) -> tuple[Packing, Packing, Packing]:
+    """How values travel: ahead, back, and the per-stage sums of gradients and losses (float32)."""
+    graph = cut.split.graph
+    dtype_of, size_of = (lambda t: graph.tensors[t].dtype), (lambda t: graph.tensors[t].size)
+    made = [cut.forward_cut[k] + cut.backward_cut[k] for k in range(cut.num_stages)]
+    return (packing(cut.ahead, dtype_of, size_of), packing(cut.back, dtype_of, size_of),
+            packing(made, lambda t: "float32", size_of))
 
 
-def _pack_params(cut: StageCut, graph: G.Graph, leaves, leaf_tensor, packed_leaves, sched: PL.Schedule):
-    """Each virtual stage's float input leaves in flat per-dtype buffers, stacked ``[S, v, length]``."""
-    groups = [[leaf_tensor[i] for i in ins if i in set(packed_leaves)] for ins in cut.inputs]
-    layout = packing(groups, lambda t: graph.tensors[t].dtype, lambda t: graph.tensors[t].size)
-    value = {leaf_tensor[i]: leaves[i] for i in packed_leaves}
-    rows = [layout.pack(value, k) for k in range(len(groups))]
-    stages, v = sched.num_stages, sched.virtual
-    buffers = {dtype: jnp.stack([r[dtype] for r in rows]).reshape(v, stages, -1).transpose(1, 0, 2)
-               for dtype in layout.lengths}
-    return _PackedParams(layout=layout, buffers=buffers)
+def _stack(rows: Sequence[dict]) -> dict:
+    return {dtype: jnp.stack([row[dtype] for row in rows]) for dtype in rows[0]}
 
 
 def _is_float(dtype: str) -> bool:
