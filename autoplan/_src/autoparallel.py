@@ -124,6 +124,11 @@ class AutoParallel:
         graph = T.trace(self._fun, *args, static_argnums=self._static_argnums)
         if self._pipeline and self._fixed_plan is None and self._planner is None:
             return self._build_pipelined(args, graph)
+        if self._fixed_plan is not None and (len(self._fixed_plan.stages) > 1 or self._fixed_plan.microbatches > 1):
+            from autoplan._src import pipeline
+
+            mesh = E.device_mesh(self._fixed_plan.mesh) if self._mesh is None else self._device_mesh()
+            return pipeline.emit_accumulated(self._fixed_plan, self._fun, graph, mesh, donate=self._donate)
         cluster, cluster_origin = C.resolve_cluster(self._cluster)
         if self._fixed_plan is not None:
             plan = self._fixed_plan

@@ -562,7 +562,39 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=schedule,
                           memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
                           layer_names=["+".join(u) for u in units])
+    choice = _with_runtime_traffic(choice, cost)
     return _pipeline_plan(choice, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
+
+
+def _runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts) -> tuple[float, float, float]:
+    """(point-to-point bytes, gradient all-gather bytes) per step of the runtime running ``choice``, and
+    the bytes of received values each device stashes."""
+    from autoplan._src import staging
+
+    if len(choice.stages) == 1:
+        return 0.0, 0.0, 0.0
+    graph = cost._graph(choice.microbatches)[0]
+    split = PL.split_at_gradients(graph, PL._batch_leaves(graph, cost.batch_prefix))
+    sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=choice.microbatches)
+    cut = staging.cut_for_schedule(split, sched, staging.plan_bounds(choice.stages, choice.schedule))
+    return (*staging.traffic(cut, sched), staging.stash_bytes(cut, sched))
+
+
+def _gather_seconds(choice: PipelineChoice, gathered: float, cluster: C.Cluster) -> float:
+    inner = choice.stages[0].mesh
+    mesh = C.MeshShape(axis_names=("stage", *inner.axis_names), axis_sizes=(len(choice.stages), *inner.axis_sizes))
+    return C.collective_seconds("all-gather", gathered, ("stage",), mesh, cluster)
+
+
+def _with_runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts) -> PipelineChoice:
+    """The DP's choice and alternatives with what the stage costs leave out: the runtime gathers every
+    stage's gradients to every stage row once per step (every row runs the update).  Re-ranked."""
+    found = []
+    for c in (dataclasses.replace(choice, alternatives=()), *choice.alternatives):
+        gathered = _runtime_traffic(c, cost)[1]
+        found.append(dataclasses.replace(c, step_seconds=c.step_seconds + _gather_seconds(c, gathered, cost.cluster)))
+    found.sort(key=lambda c: c.step_seconds)
+    return dataclasses.replace(found[0], alternatives=tuple(found[1:]))
 
 
 def _pipeline_plan(choice: PipelineChoice, cost: GraphStageCosts, graph: G.Graph, cluster: C.Cluster,
@@ -571,21 +603,24 @@ def _pipeline_plan(choice: PipelineChoice, cost: GraphStageCosts, graph: G.Graph
     base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
     mesh = first.mesh if len(choice.stages) == 1 else C.MeshShape(
         axis_names=("stage", *first.mesh.axis_names), axis_sizes=(len(choice.stages), *first.mesh.axis_sizes))
-    plans = [next(o.detail for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
-             for s in choice.stages]
+    options = [next(o for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
+               for s in choice.stages]
+    plans = [o.detail for o in options]
+    p2p, gathered, stash = _runtime_traffic(choice, cost)
+    # The runtime keeps every stage's parameters and optimizer state on every stage row (the update runs
+    # on every row), the values it received for every microbatch, and one microbatch's activations (the
+    # backward recomputes its stage's forward).
+    weights = sum(o.weight_bytes for o in options)
+    memory = weights + max(o.activation_bytes for o in options) + stash if len(options) > 1 else \
+        choice.stages[0].memory_bytes
     busy = sum(s.seconds for s in choice.stages)
     comm_share = sum(p.cost.communication_seconds for p in plans) / busy if busy else 0.0
     step = choice.step_seconds
-    act_bytes = max((leaf.nbytes for p in plans[1:] for leaf in p.inputs if leaf.path.startswith("boundary/")),
-                    default=0.0)
-    # The SPMD runtime sends one activation and one cotangent every tick of the schedule (`Pipeline.p2p_bytes`).
-    ticks = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=choice.microbatches).num_ticks \
-        if len(choice.stages) > 1 and choice.schedule != "interleaved" else 0
-    p2p = 2.0 * ticks * act_bytes
+    sent = p2p + C.collective_bytes("all-gather", gathered, len(choice.stages))
     pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
                            communication_seconds=step * comm_share,
                            communication_bytes=choice.microbatches * max(p.cost.communication_bytes for p in plans)
-                           + p2p, memory_bytes=max(s.memory_bytes for s in choice.stages))
+                           + sent, memory_bytes=memory)
     return dataclasses.replace(
         base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
         microbatches=choice.microbatches, alternatives=choice.alternatives,

@@ -202,6 +202,17 @@ def even_bounds(num_units: int, parts: int) -> list[tuple[int, int]]:
     return list(zip([0] + ends[:-1], ends))
 
 
+def cut_for_schedule(split: PL.GradientSplit, sched: PL.Schedule,
+                     bounds: Sequence[tuple[int, int]] | None = None) -> StageCut:
+    """`cut_stages` into the schedule's ``S * v`` virtual stages: ``bounds``, or equal layer ranges."""
+    parts = sched.num_stages * sched.virtual
+    bounds = bounds or even_bounds(len(inter.layer_units(split.graph)), parts)
+    if len(bounds) != parts:
+        raise ValueError(f"{len(bounds)} layer ranges for {sched.num_stages} stages x {sched.virtual} chunks; "
+                         "give one per virtual stage")
+    return cut_stages(split, bounds)
+
+
 class StagedStep:
     """``step`` run as a pipeline: its traced gradient part cut into the stages of ``bounds`` and driven by
     ``schedule`` on ``mesh``'s ``"stage"`` axis; called like the step (under ``jax.jit``).
@@ -222,12 +233,7 @@ class StagedStep:
     def cut(self, *args) -> StageCut:
         split = self.accumulated.split(*args)
         if id(split) not in self._cuts:
-            parts = self.schedule.num_stages * self.schedule.virtual
-            bounds = self.bounds or even_bounds(len(inter.layer_units(split.graph)), parts)
-            if len(bounds) != parts:
-                raise ValueError(f"{len(bounds)} layer ranges for {self.schedule.num_stages} stages x "
-                                 f"{self.schedule.virtual} chunks; give one per virtual stage")
-            self._cuts[id(split)] = cut_stages(split, bounds)
+            self._cuts[id(split)] = cut_for_schedule(split, self.schedule, self.bounds)
         return self._cuts[id(split)]
 
     def __call__(self, *args):
@@ -240,18 +246,12 @@ class StagedStep:
         return self._update(cut, leaves, leaf_tensor, sums)
 
     def p2p_bytes(self, *args) -> float:
-        """Bytes each device sends point-to-point per step: every tick moves the packed forward buffers
-        ahead and the packed backward buffers back (idle ticks send zeros: a collective runs on every
-        device)."""
-        acts, cots, _ = _layouts(self.cut(*args))
-        per_tick = sum(n * G.itemsize(d) for layout in (acts, cots) for d, n in layout.lengths.items())
-        return float(self.schedule.num_ticks * per_tick)
+        """Bytes each device sends point-to-point per step (see `traffic`)."""
+        return traffic(self.cut(*args), self.schedule)[0]
 
     def gather_bytes(self, *args) -> float:
-        """Bytes of the one all-gather after the ticks that gives every stage row every stage's summed
-        gradients and losses (float32), for the update every row runs."""
-        _, _, sums = _layouts(self.cut(*args))
-        return float(self.schedule.num_stages * self.schedule.virtual * 4 * sums.lengths.get("float32", 0))
+        """Bytes of the gradient all-gather after the ticks (see `traffic`)."""
+        return traffic(self.cut(*args), self.schedule)[1]
 
     def _pipeline(self, cut: StageCut, leaf_tensor):
         """``(inputs the stages read, batch) -> per-stage sums of the cut values`` as one shard_map."""
@@ -346,6 +346,25 @@ class StagedStep:
         return jax.tree_util.tree_unflatten(graph.output_tree, outs)
 
 
+def traffic(cut: StageCut, sched: PL.Schedule) -> tuple[float, float]:
+    """What the runtime sends per step: (point-to-point bytes per device: every tick moves the packed
+    forward buffers ahead and the packed backward buffers back, idle ticks too, as a collective runs on
+    every device; bytes of the one all-gather after the ticks that gives every stage row every stage's
+    float32 sums of gradients and losses, for the update every row runs)."""
+    acts, cots, sums = _layouts(cut)
+    per_tick = sum(n * G.itemsize(d) for layout in (acts, cots) for d, n in layout.lengths.items())
+    gathered = sched.num_stages * sched.virtual * 4 * sums.lengths.get("float32", 0)
+    return float(sched.num_ticks * per_tick), float(gathered)
+
+
+def stash_bytes(cut: StageCut, sched: PL.Schedule) -> float:
+    """Bytes each device keeps for the values it received: forward and backward buffers for each of its
+    ``v`` chunks and every microbatch (the backward recomputes its forward from them)."""
+    acts, cots, _ = _layouts(cut)
+    per_slot = sum(n * G.itemsize(d) for layout in (acts, cots) for d, n in layout.lengths.items())
+    return float(sched.virtual * sched.num_microbatches * per_slot)
+
+
 def _layouts(cut: StageCut) -> tuple[Packing, Packing, Packing]:
     """How values travel: ahead, back, and the per-stage sums of gradients and losses (float32)."""
     graph = cut.split.graph
@@ -363,15 +382,16 @@ def _is_float(dtype: str) -> bool:
     return any(dtype.startswith(k) for k in ("float", "bfloat"))
 
 
-def plan_bounds(plan) -> list[tuple[int, int]] | None:
-    """The virtual stages' layer ranges a plan runs with: its stages' ranges, or for interleaved 1F1B
-    (``v`` chunks per stage row, which the stage DP does not choose) equal ranges, found later."""
-    if plan.schedule == "interleaved":
+def plan_bounds(stages, schedule: str) -> list[tuple[int, int]] | None:
+    """The virtual stages' layer ranges a plan (or a stage DP choice) runs with: its stages' ranges, or
+    for interleaved 1F1B (``v`` chunks per stage row, which the stage DP does not choose) None: equal
+    ranges."""
+    if schedule == "interleaved":
         return None
-    return [(stage.start, stage.end) for stage in plan.stages]
+    return [(stage.start, stage.end) for stage in stages]
 
 
 def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh) -> StagedStep:
     """``fun`` pipelined as ``plan`` says (its stages, schedule and microbatches) on ``mesh``."""
     sched = PL.schedule(plan.schedule, stages=len(plan.stages), microbatches=plan.microbatches)
-    return StagedStep(fun, sched, mesh, plan_bounds(plan))
+    return StagedStep(fun, sched, mesh, plan_bounds(plan.stages, plan.schedule))
