@@ -22,12 +22,14 @@ cotangents only to earlier ones.  Then:
 
 Values crossing a stage boundary travel packed: one flat buffer per dtype, as
 long as the longest boundary needs, moved with ``lax.ppermute`` every tick
-(`pipeline.run_ticks`).  Float parameters are packed per virtual stage,
-``[S, v, length]`` sharded over ``"stage"``, so inside the pipeline no device
-holds another stage's weights; other inputs (integer counters, PRNG keys) are
-passed whole.  Between steps the parameters and optimizer state are held as
-the plan's leaf shardings say, which do not split over ``"stage"``: every stage
-row keeps a copy, and the update runs on every row.
+(`pipeline.run_ticks`).  The parameters and optimizer state are held as the
+plan's leaf shardings say, which do not split over ``"stage"``: every stage row
+keeps all of them, its stages read them in place (no transfer), and after
+the ticks one all-gather gives every row every stage's gradient sums
+for the update, which every row runs.  So a pipeline saves activation memory
+and per-microbatch traffic, not weight memory, and its gradient all-gather
+costs the stage axis about what data parallelism's reduction would
+(`traffic` prices both; stage-owned state is not built).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Packing:
     have one length per dtype (the longest group's), so any group fits the same buffers.
 
     >>> layout = packing([[0, 1], [2]], dtype_of=lambda t: "float32", size_of=lambda t: 3)
-    >>> layout.lengths, layout.slots[1][1]
+    >>> layout.lengths, layout.slots[0][1]
     ({'float32': 6}, ('float32', 3))
     """
 
@@ -262,23 +264,12 @@ class StagedStep:
         made = sums.groups
         batch_tensors = [leaf_tensor[i] for i in split.batch_inputs]
         read = sorted({i for ins in cut.inputs for i in ins})
-        floats = [leaf_tensor[i] for i in read if _is_float(graph.tensors[leaf_tensor[i]].dtype)]
-        params = packing([[leaf_tensor[i] for i in ins if leaf_tensor[i] in floats] for ins in cut.inputs],
-                         lambda t: graph.tensors[t].dtype, lambda t: graph.tensors[t].size)
-        others = [leaf_tensor[i] for i in read if leaf_tensor[i] not in floats]
 
-        def environment(vs, flat, inputs: dict, micro, received: dict):
-            env = {t: inputs[t] for t in others}
+        def environment(vs, inputs: dict, micro, received: dict):
+            env = {leaf_tensor[i]: inputs[leaf_tensor[i]] for i in cut.inputs[vs]}
             env.update(zip(batch_tensors, micro))
-            env.update(params.unpack(flat, vs, shapes))
             env.update(received)
             return env
-
-        def own_row(inputs: dict):
-            """This stage row's float inputs packed ``[v, length]`` per dtype (local: inputs are whole here)."""
-            rows = [lambda s=s: _stack([params.pack(inputs, c * sched.num_stages + s) for c in range(sched.virtual)])
-                    for s in range(sched.num_stages)]
-            return jax.lax.switch(jax.lax.axis_index("stage"), rows)
 
         def contributions(env, vs, tensors):
             values = {t: env[t].astype(jnp.float32) if t in tensors else jnp.zeros(shapes[t], jnp.float32)
@@ -286,25 +277,25 @@ class StagedStep:
             return (sums.pack(values, vs),)
 
         def branches(inputs):
-            def idle(flat, act, cot, micro):
+            def idle(_params, act, cot, micro):
                 return acts.zeros(), (sums.zeros(),), cots.zeros()
 
             def forward(vs):
-                def run(flat, act, cot, micro):
+                def run(_params, act, cot, micro):
                     received = acts.unpack(act, vs - 1, shapes) if vs else {}
                     env = PL.evaluate_ops(graph, split.items, cut.forward[vs],
-                                          environment(vs, flat, inputs, micro, received))
+                                          environment(vs, inputs, micro, received))
                     out = acts.pack(env, vs) if vs < n - 1 else acts.zeros()
                     return out, contributions(env, vs, cut.forward_cut[vs]), cots.zeros()
                 return run
 
             def backward(vs):
-                def run(flat, act, cot, micro):
+                def run(_params, act, cot, micro):
                     received = acts.unpack(act, vs - 1, shapes) if vs else {}
                     if vs < n - 1:
                         received.update(cots.unpack(cot, vs + 1, shapes))
                     env = PL.evaluate_ops(graph, split.items, cut.backward[vs],
-                                          environment(vs, flat, inputs, micro, received))
+                                          environment(vs, inputs, micro, received))
                     out = cots.pack(env, vs) if vs else cots.zeros()
                     return acts.zeros(), contributions(env, vs, cut.backward_cut[vs]), out
                 return run
@@ -313,8 +304,7 @@ class StagedStep:
 
         def body(read_values, batch):
             inputs = dict(zip([leaf_tensor[i] for i in read], read_values))
-            (total,) = PL.run_ticks(sched, branches(inputs), own_row(inputs), batch, acts.zeros(), cots.zeros(),
-                                    (sums.zeros(),))
+            (total,) = PL.run_ticks(sched, branches(inputs), {}, batch, acts.zeros(), cots.zeros(), (sums.zeros(),))
             # Every row runs the update on whole gradients: gather the stages' sums (one all-gather).
             return {dtype: jax.lax.all_gather(x, "stage") for dtype, x in total.items()}
 
@@ -372,14 +362,6 @@ def _layouts(cut: StageCut) -> tuple[Packing, Packing, Packing]:
     made = [cut.forward_cut[k] + cut.backward_cut[k] for k in range(cut.num_stages)]
     return (packing(cut.ahead, dtype_of, size_of), packing(cut.back, dtype_of, size_of),
             packing(made, lambda t: "float32", size_of))
-
-
-def _stack(rows: Sequence[dict]) -> dict:
-    return {dtype: jnp.stack([row[dtype] for row in rows]) for dtype in rows[0]}
-
-
-def _is_float(dtype: str) -> bool:
-    return any(dtype.startswith(k) for k in ("float", "bfloat"))
 
 
 def plan_bounds(stages, schedule: str) -> list[tuple[int, int]] | None:
