@@ -518,11 +518,23 @@ class Accumulated:
 
         zeros = [jnp.zeros(graph.tensors[t].shape, graph.tensors[t].dtype) for t in split.cut]
         total, _ = jax.lax.scan(one, zeros, stacked)
-        env = dict(fixed)
-        env.update({t: acc / b for t, acc in zip(split.cut, total)})
-        env = evaluate_ops(graph, split.items, split.update_ops, env)
-        outs = [env[graph.ops[o].inputs[0]] for o in graph.output_ops]
-        return jax.tree_util.tree_unflatten(graph.output_tree, outs)
+        return run_update(split, leaves, {t: acc / b for t, acc in zip(split.cut, total)})
+
+
+def run_update(split: GradientSplit, leaves: Sequence[Any], averaged: dict):
+    """The update part of a split step, once: the step's input ``leaves`` (the batch is not read) and the
+    ``averaged`` gradients and losses (cut tensor -> value) in, the step's outputs (a pytree) out.  Cut
+    values missing from ``averaged`` (made from constants and inputs alone) are computed here."""
+    graph = split.graph
+    batch = set(split.batch_inputs)
+    env = {graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in enumerate(leaves) if i not in batch}
+    env.update(averaged)
+    missing = [t for t in split.cut if t not in env]
+    if missing:
+        env = evaluate_ops(graph, split.items, ancestors(graph, missing, known=set(env)), env)
+    env = evaluate_ops(graph, split.items, split.update_ops, env)
+    outs = [env[graph.ops[o].inputs[0]] for o in graph.output_ops]
+    return jax.tree_util.tree_unflatten(graph.output_tree, outs)
 
 
 def accumulate(step: Callable, *, microbatches: int, batch_argnum: int = -1) -> Accumulated:
@@ -577,6 +589,21 @@ class _Packing:
     dtype: Any
 
 
+def even_bounds(num_layers: int, parts: int, *, what: str = "the model has only {n} layers") -> list[tuple[int, int]]:
+    """``num_layers`` layers in ``parts`` contiguous ranges of equal size (the first get the remainder);
+    ``what`` names the layers in the error when there are fewer than ``parts``.
+
+    >>> even_bounds(5, 2)
+    [(0, 3), (3, 5)]
+    """
+    if parts > num_layers:
+        raise ValueError(f"{parts} pipeline stages (x chunks) but {what.format(n=num_layers)}; "
+                         f"use at most {num_layers} stages")
+    size, extra = divmod(num_layers, parts)
+    ends = list(itertools.accumulate(size + (k < extra) for k in range(parts)))
+    return list(zip([0] + ends[:-1], ends))
+
+
 class Pipeline:
     """A model's layers cut into pipeline stages, run as one SPMD program on a ``stage`` mesh axis.
 
@@ -607,13 +634,7 @@ class Pipeline:
     @classmethod
     def even(cls, layers: Sequence[Layer], schedule: Schedule) -> Pipeline:
         """Equal layer counts per virtual stage (the first ones get the remainder)."""
-        parts = schedule.num_stages * schedule.virtual
-        if parts > len(layers):
-            raise ValueError(f"{parts} pipeline stages (x chunks) but the model has only {len(layers)} layers; "
-                             f"use at most {len(layers)} stages")
-        size, extra = divmod(len(layers), parts)
-        ends = list(itertools.accumulate(size + (k < extra) for k in range(parts)))
-        return cls(layers, list(zip([0] + ends[:-1], ends)), schedule)
+        return cls(layers, even_bounds(len(layers), schedule.num_stages * schedule.virtual), schedule)
 
     # -- parameters, packed per stage ---------------------------------------------------------
     def _stage_params(self, params, vs: int) -> dict:

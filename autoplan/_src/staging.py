@@ -35,7 +35,6 @@ costs the stage axis about what data parallelism's reduction would
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -113,8 +112,7 @@ class StageCut:
     back: tuple[tuple[int, ...], ...]  # tensors vs sends to vs - 1
     inputs: tuple[tuple[int, ...], ...]  # input leaves (not batch) each virtual stage reads
     forward_cut: tuple[tuple[int, ...], ...]  # gradients / losses made by F(vs)
-    backward_cut: tuple[tuple[int, ...], ...]  # made by B(vs)
-    outside_cut: tuple[int, ...]  # made by no stage (constants)
+    backward_cut: tuple[tuple[int, ...], ...]  # made by B(vs); those made by no stage, `run_update` makes
 
     @property
     def num_stages(self) -> int:
@@ -183,32 +181,17 @@ def cut_stages(split: PL.GradientSplit, bounds: Sequence[tuple[int, int]]) -> St
         made = [t for t in split.cut if stage[graph.tensors[t].producer] == k]
         forward_cut.append(tuple(t for t in made if graph.ops[graph.tensors[t].producer].role != G.BACKWARD))
         backward_cut.append(tuple(t for t in made if graph.ops[graph.tensors[t].producer].role == G.BACKWARD))
-    outside = tuple(t for t in split.cut if stage[graph.tensors[t].producer] < 0)
     return StageCut(split=split, stage_of=tuple(stage), forward=tuple(forward), backward=tuple(backward),
                     ahead=tuple(tuple(sorted(a)) for a in ahead), back=tuple(tuple(sorted(b)) for b in back),
-                    inputs=tuple(inputs), forward_cut=tuple(forward_cut), backward_cut=tuple(backward_cut),
-                    outside_cut=outside)
-
-
-def even_bounds(num_units: int, parts: int) -> list[tuple[int, int]]:
-    """``num_units`` layers in ``parts`` contiguous ranges of equal size (the first get the remainder).
-
-    >>> even_bounds(5, 2)
-    [(0, 3), (3, 5)]
-    """
-    if parts > num_units:
-        raise ValueError(f"{parts} pipeline stages (x chunks) but the step has only {num_units} pipeline layers; "
-                         f"use at most {num_units}")
-    size, extra = divmod(num_units, parts)
-    ends = list(itertools.accumulate(size + (k < extra) for k in range(parts)))
-    return list(zip([0] + ends[:-1], ends))
+                    inputs=tuple(inputs), forward_cut=tuple(forward_cut), backward_cut=tuple(backward_cut))
 
 
 def cut_for_schedule(split: PL.GradientSplit, sched: PL.Schedule,
                      bounds: Sequence[tuple[int, int]] | None = None) -> StageCut:
     """`cut_stages` into the schedule's ``S * v`` virtual stages: ``bounds``, or equal layer ranges."""
     parts = sched.num_stages * sched.virtual
-    bounds = bounds or even_bounds(len(inter.layer_units(split.graph)), parts)
+    bounds = bounds or PL.even_bounds(len(inter.layer_units(split.graph)), parts,
+                                      what="the step has only {n} pipeline layers")
     if len(bounds) != parts:
         raise ValueError(f"{len(bounds)} layer ranges for {sched.num_stages} stages x {sched.virtual} chunks; "
                          "give one per virtual stage")
@@ -245,7 +228,9 @@ class StagedStep:
         leaf_tensor = [graph.ops[o].outputs[0] for o in graph.input_ops]
         read = sorted({i for ins in cut.inputs for i in ins})
         sums = self._pipeline(cut, leaf_tensor)([leaves[i] for i in read], [leaves[i] for i in split.batch_inputs])
-        return self._update(cut, leaves, leaf_tensor, sums)
+        b = self.schedule.num_microbatches
+        return PL.run_update(split, leaves, {t: (total / b).astype(graph.tensors[t].dtype)
+                                             for t, total in sums.items()})
 
     def p2p_bytes(self, *args) -> float:
         """Bytes each device sends point-to-point per step (see `traffic`)."""
@@ -322,18 +307,6 @@ class StagedStep:
 
         return run
 
-    def _update(self, cut: StageCut, leaves, leaf_tensor, sums: dict):
-        """The update part, once: the averaged gradients and losses in, the step's outputs out."""
-        split, graph, b = cut.split, cut.split.graph, self.schedule.num_microbatches
-        batch = set(split.batch_inputs)
-        env = {leaf_tensor[i]: x for i, x in enumerate(leaves) if i not in batch}
-        if cut.outside_cut:
-            env = PL.evaluate_ops(graph, split.items, PL.ancestors(graph, cut.outside_cut, known=set(env)), env)
-        for t, total in sums.items():
-            env[t] = (total / b).astype(graph.tensors[t].dtype)
-        env = PL.evaluate_ops(graph, split.items, split.update_ops, env)
-        outs = [env[graph.ops[o].inputs[0]] for o in graph.output_ops]
-        return jax.tree_util.tree_unflatten(graph.output_tree, outs)
 
 
 def traffic(cut: StageCut, sched: PL.Schedule) -> tuple[float, float]:
