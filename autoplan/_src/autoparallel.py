@@ -124,11 +124,6 @@ class AutoParallel:
         graph = T.trace(self._fun, *args, static_argnums=self._static_argnums)
         if self._pipeline and self._fixed_plan is None and self._planner is None:
             return self._build_pipelined(args, graph)
-        if self._fixed_plan is not None and (len(self._fixed_plan.stages) > 1 or self._fixed_plan.microbatches > 1):
-            from autoplan._src import pipeline
-
-            mesh = E.device_mesh(self._fixed_plan.mesh) if self._mesh is None else self._device_mesh()
-            return pipeline.emit_accumulated(self._fixed_plan, self._fun, graph, mesh, donate=self._donate)
         cluster, cluster_origin = C.resolve_cluster(self._cluster)
         if self._fixed_plan is not None:
             plan = self._fixed_plan
@@ -148,6 +143,10 @@ class AutoParallel:
         if self._fixed_plan is None:
             plan = dataclasses.replace(plan, cluster_origin=cluster_origin)
         self.num_plans += 1
+        if len(plan.stages) > 1 or plan.microbatches > 1:  # a given pipelined or microbatched plan
+            from autoplan._src import pipeline
+
+            return pipeline.emit_accumulated(plan, self._fun, graph, mesh, donate=self._donate)
         return E.emit(plan, graph, mesh, donate=self._donate)
 
     def _build_pipelined(self, args, graph) -> E.Program:
