@@ -562,21 +562,23 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=schedule,
                           memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
                           layer_names=["+".join(u) for u in units])
-    choice = _with_runtime_traffic(choice, cost)
-    return _pipeline_plan(choice, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
+    choice, traffic = _with_runtime_traffic(choice, cost)
+    return _pipeline_plan(choice, traffic, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
 
 
-def _runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts) -> tuple[float, float, float]:
+def _runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts, splits: dict) -> tuple[float, float, float]:
     """(point-to-point bytes, gradient all-gather bytes) per step of the runtime running ``choice``, and
-    the bytes of received values each device stashes."""
+    the bytes of received values each device stashes.  ``splits`` caches the step's split per B."""
     from autoplan._src import staging
 
     if len(choice.stages) == 1:
         return 0.0, 0.0, 0.0
-    graph = cost._graph(choice.microbatches)[0]
-    split = PL.split_at_gradients(graph, PL._batch_leaves(graph, cost.batch_prefix))
-    sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=choice.microbatches)
-    cut = staging.cut_for_schedule(split, sched, staging.plan_bounds(choice.stages, choice.schedule))
+    b = choice.microbatches
+    if b not in splits:
+        graph = cost._graph(b)[0]
+        splits[b] = PL.split_at_gradients(graph, PL._batch_leaves(graph, cost.batch_prefix))
+    sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=b)
+    cut = staging.cut_for_schedule(splits[b], sched, staging.plan_bounds(choice.stages, choice.schedule))
     return (*staging.traffic(cut, sched), staging.stash_bytes(cut, sched))
 
 
@@ -586,19 +588,23 @@ def _gather_seconds(choice: PipelineChoice, gathered: float, cluster: C.Cluster)
     return C.collective_seconds("all-gather", gathered, ("stage",), mesh, cluster)
 
 
-def _with_runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts) -> PipelineChoice:
+def _with_runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts):
     """The DP's choice and alternatives with what the stage costs leave out: the runtime gathers every
-    stage's gradients to every stage row once per step (every row runs the update).  Re-ranked."""
-    found = []
+    stage's gradients to every stage row once per step (every row runs the update).  Re-ranked; the
+    best is returned with its `_runtime_traffic`."""
+    splits: dict = {}
+    priced = []
     for c in (dataclasses.replace(choice, alternatives=()), *choice.alternatives):
-        gathered = _runtime_traffic(c, cost)[1]
-        found.append(dataclasses.replace(c, step_seconds=c.step_seconds + _gather_seconds(c, gathered, cost.cluster)))
-    found.sort(key=lambda c: c.step_seconds)
-    return dataclasses.replace(found[0], alternatives=tuple(found[1:]))
+        traffic = _runtime_traffic(c, cost, splits)
+        seconds = c.step_seconds + _gather_seconds(c, traffic[1], cost.cluster)
+        priced.append((dataclasses.replace(c, step_seconds=seconds), traffic))
+    priced.sort(key=lambda pair: pair[0].step_seconds)
+    best, traffic = priced[0]
+    return dataclasses.replace(best, alternatives=tuple(c for c, _ in priced[1:])), traffic
 
 
-def _pipeline_plan(choice: PipelineChoice, cost: GraphStageCosts, graph: G.Graph, cluster: C.Cluster,
-                   budget: float, time_limit: float, api, P):
+def _pipeline_plan(choice: PipelineChoice, traffic: tuple[float, float, float], cost: GraphStageCosts,
+                   graph: G.Graph, cluster: C.Cluster, budget: float, time_limit: float, api, P):
     first = choice.stages[0]
     base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
     mesh = first.mesh if len(choice.stages) == 1 else C.MeshShape(
@@ -606,7 +612,7 @@ def _pipeline_plan(choice: PipelineChoice, cost: GraphStageCosts, graph: G.Graph
     options = [next(o for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
                for s in choice.stages]
     plans = [o.detail for o in options]
-    p2p, gathered, stash = _runtime_traffic(choice, cost)
+    p2p, gathered, stash = traffic
     # The runtime keeps every stage's parameters and optimizer state on every stage row (the update runs
     # on every row), the values it received for every microbatch, and one microbatch's activations (the
     # backward recomputes its stage's forward).
