@@ -3,7 +3,10 @@
 The step is the user's own (the zoo GPT's `train_step`, Hugging Face Flax models): no layer list, no
 second differentiation.  Numerics: loss and parameters after 3 steps equal `jax.jit`'s (fp32, AdamW
 with eps=1e-3 or SGD).  Traffic: the compiled program's collective-permute bytes per step, counted
-per loop iteration with XLA's known_trip_count, equal what the runtime predicts, and the only other collective is the all-gather of the gradient sums.
+per loop iteration with XLA's known_trip_count, equal what the runtime predicts; the only other
+collective is the all-reduce of the gradients another stage's update reads (none for the GPT with Adam;
+all of them under global-norm clipping).  State is stage-owned: each parameter and optimizer-state leaf
+lives on one stage row's devices.
 """
 
 import dataclasses
@@ -55,11 +58,11 @@ def test_pipelined_traced_gpt_equals_single_device(name, stages, microbatches, v
 
     schedule = pl.schedule(name, stages=stages, microbatches=microbatches, virtual=virtual)
     staged = staging.StagedStep(spec.train_step, schedule, _mesh(stages))
-    compiled = jax.jit(staged).lower(params, opt_state, batches[0]).compile()
-    (got, _), losses = _run(compiled, (params, opt_state), batches)
+    (got, got_opt), losses = _run(staged, (params, opt_state), batches)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
     _assert_same(got, want)
     assert not np.allclose(want["block7"]["mlp_out"]["kernel"], params["block7"]["mlp_out"]["kernel"])
+    _assert_stage_owned(got, got_opt, _mesh(stages), stages)
 
     # A clean cut: between stages only the residual stream goes ahead and its cotangent back.
     cut = staged.cut(params, opt_state, batches[0])
@@ -68,16 +71,55 @@ def test_pipelined_traced_gpt_equals_single_device(name, stages, microbatches, v
     for k in range(stages * schedule.virtual - 1):
         assert [graph.tensors[t].shape for t in cut.ahead[k]] == [stream]
         assert [graph.tensors[t].shape for t in cut.back[k + 1]] == [stream]
-    # Honest traffic: compiled collective-permute bytes x trip count = the runtime's prediction.
-    # The only other collective: one all-gather of the stages' gradient sums for the update.
-    collectives = hlo.collectives(compiled, _mesh(stages))
+    # Honest traffic: compiled collective-permute bytes x trip count = the runtime's prediction, and
+    # nothing else crosses the stage axis: every stage updates its own state from its own gradients.
+    compiled = staged.compile(params, opt_state, batches[0])
+    collectives = hlo.collectives(compiled["pipeline"], _mesh(stages))
     permutes = [c for c in collectives if c.kind == "collective-permute"]
     assert permutes and all(c.repeats == schedule.num_ticks for c in permutes)
     assert sum(c.nbytes * c.repeats for c in permutes) == pytest.approx(
         staged.p2p_bytes(params, opt_state, batches[0]), rel=0.01)
-    others = [c for c in collectives if c.kind != "collective-permute"]
-    assert [c.kind for c in others] == ["all-gather"]
-    assert others[0].nbytes == pytest.approx(staged.gather_bytes(params, opt_state, batches[0]), rel=0.01)
+    assert [c.kind for c in collectives if c.kind != "collective-permute"] == []
+    assert staged.exchanged_bytes(params, opt_state, batches[0]) == 0
+    assert all(hlo.collectives(program, staged.rows[0]) == [] for name, program in compiled.items()
+               if name.startswith(("pack/", "update/")) and name != "update/global")
+
+
+def _assert_stage_owned(params, opt_state, mesh, stages):
+    """No device holds another stage's weights: every parameter and optimizer-state leaf but the
+    step count lives on one stage row's devices, and every row holds some."""
+    rows = [set(mesh.devices[r].flat) for r in range(stages)]
+    used = set()
+    for leaf in jax.tree_util.tree_leaves((params, opt_state)):
+        if leaf.ndim == 0:  # Adam's count: every row's update reads it; it lives on the whole mesh
+            continue
+        owners = [r for r, devices in enumerate(rows) if set(leaf.sharding.device_set) == devices]
+        assert len(owners) == 1, leaf.sharding
+        used.add(owners[0])
+    assert used == set(range(stages))
+
+
+def test_global_norm_clipping_exchanges_every_gradient():
+    """optax.clip_by_global_norm makes every update read every stage's gradients: they are all-reduced
+    over the stage axis (compiled bytes = the prediction), parameters stay stage-owned, numerics equal
+    jax.jit's."""
+    spec = dataclasses.replace(autoplan.models.get("gpt-tiny", layers=4, hidden=32, seq_len=8, vocab_size=64),
+                               optimizer=optax.chain(optax.clip_by_global_norm(0.01), optax.adamw(1e-2, eps=1e-3)))
+    params, opt_state = spec.init(jax.random.key(0))
+    batches = [spec.make_batch(jax.random.key(i)) for i in range(3)]
+    (want, _), want_losses = _run(jax.jit(spec.train_step), (params, opt_state), batches)
+    staged = staging.StagedStep(spec.train_step, pl.schedule("gpipe", stages=2, microbatches=4), _mesh(2))
+    (got, got_opt), losses = _run(staged, (params, opt_state), batches)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    _assert_same(got, want)
+    _assert_stage_owned(got, got_opt, _mesh(2), 2)
+    homes = staged.homes(params, opt_state, batches[0])
+    assert len(homes.exchanged) == len(jax.tree_util.tree_leaves(params))
+    collectives = hlo.collectives(staged.compile(params, opt_state, batches[0])["pipeline"], _mesh(2))
+    reduced = [c for c in collectives if c.kind == "all-reduce"]
+    assert [c.axes for c in reduced] == [("stage",)]
+    assert reduced[0].nbytes == staged.exchanged_bytes(params, opt_state, batches[0]) \
+        == 4 * sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
 @pytest.mark.parametrize("name", ["hf-t5"])
@@ -91,11 +133,20 @@ def test_pipelined_hugging_face_model_equals_single_device(name):
     params, opt_state, batch = w.concrete_args()
     (want, _), want_losses = _run(jax.jit(w.train_step), (params, opt_state), [batch] * 3)
     staged = staging.StagedStep(w.train_step, pl.schedule("1f1b", stages=2, microbatches=2), _mesh(2))
-    (got, _), losses = _run(jax.jit(staged), (params, opt_state), [batch] * 3)
+    (got, _), losses = _run(staged, (params, opt_state), [batch] * 3)
     np.testing.assert_allclose(losses, want_losses, rtol=2e-6)
     _assert_same(got, want, rtol=2e-5, atol=2e-6)
     cut = staged.cut(params, opt_state, batch)
     assert cut.ahead[0] and cut.back[1]
+    # T5 ties its input embedding and output projection: both stages read it, so it lives on the whole
+    # mesh and its gradient is all-reduced over the stage axis.  (So do the weights of decoder block 0:
+    # its layer unit is merged with encoder block 0, both named "0", and its forward runs on stage 1 but
+    # its backward on stage 0.)
+    homes = staged.homes(params, opt_state, batch)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert "['shared']['embedding']" in [paths[i] for i in homes.shared]
+    assert all(homes.leaves[i] >= 0 for i, path in enumerate(paths) if "['encoder']" in path)
+    assert len(homes.exchanged) >= len(homes.shared)
 
 
 def test_cut_sends_forward_values_ahead_and_backward_values_back():
@@ -133,27 +184,35 @@ def test_staged_step_bad_input():
 
 def test_autoparallel_runs_a_planned_pipeline_like_jit_and_as_priced():
     """`autoparallel(stages=2, microbatches=4)` plans a pipeline and runs it: 3 steps equal jax.jit's.
-    The plan's traffic over the stage axis (point-to-point every tick + the gradient all-gather) is the
-    compiled program's, and its memory is within 20% of XLA's memory_analysis."""
+    Each stage keeps its own state; the plan's traffic over the stage axis (point-to-point every tick)
+    is the compiled pipeline's, and its memory is within 20% of what the device holds (XLA's
+    memory_analysis of the pipeline program + the stage's state arrays)."""
     spec = _gpt(layers=4, hidden=64, seq_len=32, vocab_size=512, batch=16)
     params, opt_state = spec.init(jax.random.key(0))
     batches = [spec.make_batch(jax.random.key(i)) for i in range(3)]
     (want, _), want_losses = _run(jax.jit(spec.train_step), (params, opt_state), batches)
-    step = autoplan.autoparallel(spec.train_step, cluster="a100-8x", stages=2, microbatches=4, donate=False)
-    (got, _), losses = _run(step, (params, opt_state), batches)
+    step = autoplan.autoparallel(spec.train_step, cluster="a100-8x", stages=2, microbatches=4)
+    (got, got_opt), losses = _run(step, (params, opt_state), batches)
     plan = step.plan
     assert len(plan.stages) == 2 and plan.microbatches == 4 and step.mesh.shape["stage"] == 2
     np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
     _assert_same(got, want)
+    _assert_stage_owned(got, got_opt, step.mesh, 2)
 
     compiled = autoplan.autoparallel(spec.train_step, cluster="a100-8x", stages=2, microbatches=4,
                                      plan=plan).lower(params, opt_state, batches[0]).compile()
-    collectives = hlo.collectives(compiled, step.mesh)
-    over_stages = [c for c in collectives if "stage" in c.axes]
-    assert {c.kind for c in over_stages} == {"collective-permute", "all-gather"}
-    # Wire bytes per device (a permute sends its buffer, a 2-way all-gather half the gathered result).
+    pipeline = compiled.programs["pipeline"]
+    collectives = hlo.collectives(pipeline, step.mesh)
+    assert {c.kind for c in collectives if "stage" in c.axes} == {"collective-permute"}
+    # Wire bytes per device (a permute sends its buffer) = the plan's communication.
     assert hlo._total_wire_bytes(collectives) == pytest.approx(plan.cost.communication_bytes, rel=0.2)
-    stats = compiled.memory_analysis()
-    xla = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes \
-        + stats.temp_size_in_bytes
+    # Peak memory of a device: its stage's state (the arrays the step returned) while the pipeline
+    # program runs (its packed parameters, batch, gradient sums and temporaries, from XLA).
+    stats = pipeline.memory_analysis()
+    state = {}
+    for leaf in jax.tree_util.tree_leaves((got, got_opt)):
+        for shard in leaf.addressable_shards:
+            state[shard.device] = state.get(shard.device, 0) + shard.data.nbytes
+    xla = max(state.values()) + stats.argument_size_in_bytes + stats.output_size_in_bytes \
+        - stats.alias_size_in_bytes + stats.temp_size_in_bytes
     assert plan.cost.memory_bytes == pytest.approx(xla, rel=0.2)

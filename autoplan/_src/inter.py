@@ -566,63 +566,65 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     return _pipeline_plan(choice, traffic, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
 
 
-def _runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts, splits: dict) -> tuple[float, float, float]:
-    """(point-to-point bytes, gradient all-gather bytes) per step of the runtime running ``choice``, and
-    the bytes of received values each device stashes.  ``splits`` caches the step's split per B."""
+def _runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts, splits: dict) -> tuple[float, float, float, float]:
+    """What the stage costs leave out, per step of the runtime running ``choice``: point-to-point bytes,
+    bytes of the gradients all-reduced over the stage axis, bytes of received values each device
+    stashes, and bytes of the packed parameters a stage row holds.  ``splits`` caches the step's split
+    per B."""
     from autoplan._src import staging
 
     if len(choice.stages) == 1:
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0.0
     b = choice.microbatches
     if b not in splits:
         graph = cost._graph(b)[0]
         splits[b] = PL.split_at_gradients(graph, PL._batch_leaves(graph, cost.batch_prefix))
     sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=b)
     cut = staging.cut_for_schedule(splits[b], sched, staging.plan_bounds(choice.stages, choice.schedule))
-    return (*staging.traffic(cut, sched), staging.stash_bytes(cut, sched))
+    return (*staging.traffic(cut, sched), staging.stash_bytes(cut, sched), staging.packed_bytes(cut, sched))
 
 
-def _gather_seconds(choice: PipelineChoice, gathered: float, cluster: C.Cluster) -> float:
+def _pipeline_mesh(choice: PipelineChoice) -> C.MeshShape:
     inner = choice.stages[0].mesh
-    mesh = C.MeshShape(axis_names=("stage", *inner.axis_names), axis_sizes=(len(choice.stages), *inner.axis_sizes))
-    return C.collective_seconds("all-gather", gathered, ("stage",), mesh, cluster)
+    return C.MeshShape(axis_names=("stage", *inner.axis_names), axis_sizes=(len(choice.stages), *inner.axis_sizes))
 
 
 def _with_runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts):
-    """The DP's choice and alternatives with what the stage costs leave out: the runtime gathers every
-    stage's gradients to every stage row once per step (every row runs the update).  Re-ranked; the
-    best is returned with its `_runtime_traffic`."""
+    """The DP's choice and alternatives with what the stage costs leave out: the all-reduce over the
+    stage axis of the gradients another stage's update reads (`staging.homes`: none when every stage
+    updates its own state; all of them under global-norm clipping).  Re-ranked; the best is returned
+    with its `_runtime_traffic`."""
     splits: dict = {}
     priced = []
     for c in (dataclasses.replace(choice, alternatives=()), *choice.alternatives):
         traffic = _runtime_traffic(c, cost, splits)
-        seconds = c.step_seconds + _gather_seconds(c, traffic[1], cost.cluster)
+        seconds = c.step_seconds
+        if traffic[1]:
+            seconds += C.collective_seconds("all-reduce", traffic[1], ("stage",), _pipeline_mesh(c), cost.cluster)
         priced.append((dataclasses.replace(c, step_seconds=seconds), traffic))
     priced.sort(key=lambda pair: pair[0].step_seconds)
     best, traffic = priced[0]
     return dataclasses.replace(best, alternatives=tuple(c for c, _ in priced[1:])), traffic
 
 
-def _pipeline_plan(choice: PipelineChoice, traffic: tuple[float, float, float], cost: GraphStageCosts,
+def _pipeline_plan(choice: PipelineChoice, traffic: tuple[float, float, float, float], cost: GraphStageCosts,
                    graph: G.Graph, cluster: C.Cluster, budget: float, time_limit: float, api, P):
     first = choice.stages[0]
     base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
-    mesh = first.mesh if len(choice.stages) == 1 else C.MeshShape(
-        axis_names=("stage", *first.mesh.axis_names), axis_sizes=(len(choice.stages), *first.mesh.axis_sizes))
+    mesh = first.mesh if len(choice.stages) == 1 else _pipeline_mesh(choice)
     options = [next(o for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
                for s in choice.stages]
     plans = [o.detail for o in options]
-    p2p, gathered, stash = traffic
-    # The runtime keeps every stage's parameters and optimizer state on every stage row (the update runs
-    # on every row), the values it received for every microbatch, and one microbatch's activations (the
-    # backward recomputes its stage's forward).
-    weights = sum(o.weight_bytes for o in options)
-    memory = weights + max(o.activation_bytes for o in options) + stash if len(options) > 1 else \
-        choice.stages[0].memory_bytes
+    p2p, exchanged, stash, packed = traffic
+    # A stage row keeps its own parameters and optimizer state, their packed copy the pipeline reads,
+    # the values it received for every microbatch, and one microbatch's activations (the backward
+    # recomputes its stage's forward).
+    memory = max(o.weight_bytes for o in options) + packed + max(o.activation_bytes for o in options) + stash \
+        if len(options) > 1 else choice.stages[0].memory_bytes
     busy = sum(s.seconds for s in choice.stages)
     comm_share = sum(p.cost.communication_seconds for p in plans) / busy if busy else 0.0
     step = choice.step_seconds
-    sent = p2p + C.collective_bytes("all-gather", gathered, len(choice.stages))
+    sent = p2p + C.collective_bytes("all-reduce", exchanged, len(choice.stages))
     pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
                            communication_seconds=step * comm_share,
                            communication_bytes=choice.microbatches * max(p.cost.communication_bytes for p in plans)

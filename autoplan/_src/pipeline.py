@@ -897,9 +897,8 @@ def emit_accumulated(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mes
     from autoplan._src import staging
 
     if len(plan.stages) > 1:
-        run = staging.staged_step(plan, fun, mesh)
-    else:
-        run = accumulate(fun, microbatches=plan.microbatches)
+        return staging.emit_staged(plan, fun, graph, mesh, donate=donate)
+    run = accumulate(fun, microbatches=plan.microbatches)
     in_shardings = jax.tree_util.tree_unflatten(graph.input_tree, E.leaf_shardings(plan.inputs, mesh))
     out_shardings = jax.tree_util.tree_unflatten(graph.output_tree, E.leaf_shardings(plan.outputs, mesh))
     donate_argnums = E._donated_arguments(graph) if donate else ()

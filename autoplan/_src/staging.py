@@ -37,9 +37,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from autoplan._src import graph as G
 from autoplan._src import inter
@@ -120,8 +123,8 @@ class StageCut:
 
 
 def _assign(split: PL.GradientSplit, unit_stage: Sequence[int]) -> list[int]:
-    """Virtual stage of each op: its layer's, later for forward ops, earlier for backward ops as their
-    operands need."""
+    """Virtual stage of each op: its layer's, later for forward ops as their operands need; a backward
+    op goes with the latest forward value it reads, but no later than the cotangents it reads."""
     graph = split.graph
     stage = [-1] * len(graph.ops)
     for i in split.gradient_ops:
@@ -129,8 +132,9 @@ def _assign(split: PL.GradientSplit, unit_stage: Sequence[int]) -> list[int]:
         if op.role not in _COMPUTE:
             continue
         producers = [graph.ops[graph.tensors[t].producer] for t in op.inputs if t != G.LITERAL]
-        if op.role == G.BACKWARD:
-            stage[i] = min([unit_stage[i]] + [stage[p.id] for p in producers if p.role == G.BACKWARD])
+        if op.role == G.BACKWARD:  # with the forward values it reads, before the cotangents it reads
+            ahead = max([unit_stage[i]] + [stage[p.id] for p in producers if p.role != G.BACKWARD])
+            stage[i] = min([ahead] + [stage[p.id] for p in producers if p.role == G.BACKWARD])
             continue
         for p in producers:
             if p.role == G.BACKWARD:
@@ -198,143 +202,419 @@ def cut_for_schedule(split: PL.GradientSplit, sched: PL.Schedule,
     return cut_stages(split, bounds)
 
 
+GLOBAL = -1  # the home of state the whole mesh holds
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Homes:
+    """Where a pipelined step keeps its state between steps, and which program updates what.
+
+    A leaf that one stage row's pipeline reads lives on that row's devices only (home ``r``), and so
+    does optimizer state whose update (an output aliased to it) reads only that row's gradients;
+    the update of row ``r``'s state runs on row ``r``.  A leaf several rows read (a tied embedding)
+    or whose update mixes rows lives on the whole mesh (`GLOBAL`), as do outputs that mix rows.  A
+    gradient (cut value) an update of another home reads is *exchanged*: summed over the stage axis
+    (an all-reduce); the others stay on the row that makes them.
+    """
+
+    leaves: tuple[int | None, ...]  # per input leaf: home; None for the batch
+    outputs: tuple[int, ...]  # per output leaf: home
+    packed: tuple[tuple[int, ...], ...]  # per virtual stage: row-homed leaves it reads (packed per row)
+    shared: tuple[int, ...]  # GLOBAL leaves the pipeline reads, in place
+    local: tuple[tuple[int, ...], ...]  # per virtual stage: cut values summed on its row and kept there
+    exchanged: tuple[int, ...]  # cut values all-reduced over "stage"
+    update_ops: dict  # home -> ops of its update, in order
+    update_reads: dict  # home -> input leaves its update reads
+
+
+def homes(cut: StageCut, rows: int) -> Homes:
+    """The `Homes` of ``cut``'s step on ``rows`` stage rows."""
+    split, graph = cut.split, cut.split.graph
+    leaf_of = {graph.ops[o].outputs[0]: i for i, o in enumerate(graph.input_ops)}
+    batch = set(split.batch_inputs)
+    readers: dict[int, set[int]] = {}
+    for vs, leaves in enumerate(cut.inputs):
+        for i in leaves:
+            readers.setdefault(i, set()).add(vs % rows)
+    made_on = {t: cut.stage_of[graph.tensors[t].producer] % rows for t in split.cut
+               if cut.stage_of[graph.tensors[t].producer] >= 0}
+    outputs = [graph.ops[o].inputs[0] for o in graph.output_ops]
+    ops_of, reads_of, cuts_of = [], [], []
+    for t in outputs:
+        ops = [] if t in made_on else PL.ancestors(graph, [t], known=set(made_on))
+        ops_of.append(ops)
+        reads_of.append({leaf_of[graph.ops[i].outputs[0]] for i in ops if graph.ops[i].role == G.INPUT})
+        cuts_of.append({t} if t in made_on else {u for i in ops for u in graph.ops[i].inputs if u in made_on})
+
+    def pipeline_home(i):
+        return next(iter(readers[i])) if len(readers[i]) == 1 else GLOBAL
+
+    def voted(o):
+        """The home of an output that no pipeline reads: that of the gradients and pipeline-read leaves
+        nearest to it (fewest ops back; Adam's moment of a weight is next to that weight's gradient,
+        the global norm clipping mixes in is further), if they agree; else GLOBAL."""
+        frontier, seen = {outputs[o]}, set()
+        while frontier:
+            votes = {made_on[t] for t in frontier if t in made_on}
+            votes |= {pipeline_home(leaf_of[t]) for t in frontier if t in leaf_of and leaf_of[t] in readers}
+            if votes:
+                return votes.pop() if len(votes) == 1 else GLOBAL
+            seen |= frontier
+            frontier = {u for t in frontier if t not in leaf_of for u in graph.ops[graph.tensors[t].producer].inputs
+                        if u != G.LITERAL and u not in seen}
+        return GLOBAL
+
+    alias_of = {i: o for o, i in graph.aliases.items()}
+    leaf_home = tuple(None if i in batch else pipeline_home(i) if i in readers
+                      else voted(alias_of[i]) if i in alias_of else GLOBAL
+                      for i in range(len(graph.input_ops)))
+    out_home = tuple(leaf_home[graph.aliases[o]] if o in graph.aliases else voted(o) for o in range(len(outputs)))
+    exchanged = sorted({t for o, home in enumerate(out_home) for t in cuts_of[o] if made_on[t] != home})
+    update_ops, update_reads = {}, {}
+    for home in sorted(set(out_home)):
+        mine = [o for o, h in enumerate(out_home) if h == home]
+        update_ops[home] = tuple(sorted({i for o in mine for i in ops_of[o]}))
+        update_reads[home] = tuple(sorted({i for o in mine for i in reads_of[o]}))
+    n = cut.num_stages
+    return Homes(
+        leaves=leaf_home, outputs=out_home,
+        packed=tuple(tuple(i for i in cut.inputs[vs] if leaf_home[i] != GLOBAL) for vs in range(n)),
+        shared=tuple(sorted(i for i in readers if leaf_home[i] == GLOBAL)),
+        local=tuple(tuple(t for t in cut.forward_cut[vs] + cut.backward_cut[vs] if t not in exchanged)
+                    for vs in range(n)),
+        exchanged=tuple(exchanged), update_ops=update_ops, update_reads=update_reads)
+
+
+def row_mesh(mesh: jax.sharding.Mesh, row: int) -> jax.sharding.Mesh:
+    """Stage row ``row``'s devices as a mesh with the same axes (``"stage"`` of size 1)."""
+    axis = mesh.axis_names.index("stage")
+    devices = np.take(mesh.devices, [row], axis=axis)
+    return jax.sharding.Mesh(devices, mesh.axis_names, axis_types=mesh.axis_types)
+
+
+def _rows_of(array: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
+    """The part of ``array`` on ``mesh``'s devices (a row of a ``P("stage")`` array, or a replicated one)
+    as an array on ``mesh``, replicated there; no copy."""
+    devices = set(mesh.devices.flat)
+    shards = [s.data for s in array.addressable_shards if s.device in devices]
+    shape = (1, *array.shape[1:]) if array.sharding.spec and array.sharding.spec[0] == "stage" else array.shape
+    return jax.make_array_from_single_device_arrays(shape, NamedSharding(mesh, PartitionSpec()), shards)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Programs:
+    """The jitted programs of one argument signature and how leaves are placed for them."""
+
+    cut: StageCut
+    homes: Homes
+    in_shardings: tuple  # per input leaf
+    out_shardings: tuple  # per output leaf
+    pack: tuple  # per row: (owned leaves) -> {dtype: [1, v, N]}
+    pipeline: Any  # (packed, shared leaves, batch leaves) -> (local sums [S, v, L], exchanged sums [K])
+    update: dict  # home -> (read leaves, local row or None, exchanged) -> outputs of that home
+    packed_leaves: tuple  # per row: the leaves its pack reads
+
+
 class StagedStep:
-    """``step`` run as a pipeline: its traced gradient part cut into the stages of ``bounds`` and driven by
-    ``schedule`` on ``mesh``'s ``"stage"`` axis; called like the step (under ``jax.jit``).
+    """``step`` run as a pipeline: its traced gradient part cut into the stages of ``bounds`` and driven
+    by ``schedule`` on ``mesh``'s ``"stage"`` axis; called like the step (not under ``jax.jit``: it
+    dispatches one program per stage row and phase, see below).
 
     ``bounds`` are the layer ranges (of `inter.layer_units`) of the ``S * v`` virtual stages in order;
-    virtual stage ``c * S + s`` runs on stage row ``s``.
+    virtual stage ``c * S + s`` runs on stage row ``s``.  ``in_specs`` / ``out_specs`` are the
+    PartitionSpecs of the step's input and output leaves inside a stage (default: replicated).
+
+    State lives where `homes` says: a stage row's parameters and optimizer state on that row's devices
+    only.  A call (1) packs each row's parameters into one flat buffer per dtype on that row, (2) runs
+    the pipeline (one SPMD program, `jax.shard_map` manual over ``"stage"``) which sums each row's
+    gradients over the microbatches on that row and all-reduces only the exchanged ones, and (3) runs
+    each home's update on its own devices.  Outputs are arrays on their home's devices.
     """
 
     def __init__(self, step: Callable, schedule: PL.Schedule, mesh: jax.sharding.Mesh,
-                 bounds: Sequence[tuple[int, int]] | None = None, batch_argnum: int = -1):
+                 bounds: Sequence[tuple[int, int]] | None = None, batch_argnum: int = -1, *,
+                 in_specs: Sequence | None = None, out_specs: Sequence | None = None, donate: bool = False):
         if mesh.shape.get("stage") != schedule.num_stages:
             raise ValueError(f"the pipeline needs a 'stage' mesh axis of size {schedule.num_stages}; "
                              f"mesh has {dict(mesh.shape)}")
         self.schedule, self.mesh, self.bounds = schedule, mesh, bounds
+        self.in_specs, self.out_specs, self.donate = in_specs, out_specs, donate
+        self.rows = [row_mesh(mesh, r) for r in range(schedule.num_stages)]
         self.accumulated = PL.Accumulated(step, schedule.num_microbatches, batch_argnum)
-        self._cuts: dict[int, StageCut] = {}
+        self._programs: dict[int, _Programs] = {}
 
     def cut(self, *args) -> StageCut:
+        return self.programs(*args).cut
+
+    def homes(self, *args) -> Homes:
+        return self.programs(*args).homes
+
+    def programs(self, *args) -> _Programs:
         split = self.accumulated.split(*args)
-        if id(split) not in self._cuts:
-            self._cuts[id(split)] = cut_for_schedule(split, self.schedule, self.bounds)
-        return self._cuts[id(split)]
+        if id(split) not in self._programs:
+            self._programs[id(split)] = self._build(cut_for_schedule(split, self.schedule, self.bounds))
+        return self._programs[id(split)]
+
+    def in_shardings(self, *args):
+        """Where each argument leaf lives (a pytree like ``args``)."""
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(args), self.programs(*args).in_shardings)
 
     def __call__(self, *args):
-        cut = self.cut(*args)
-        split, graph = cut.split, cut.split.graph
-        leaves = jax.tree_util.tree_leaves(args)
-        leaf_tensor = [graph.ops[o].outputs[0] for o in graph.input_ops]
-        read = sorted({i for ins in cut.inputs for i in ins})
-        sums = self._pipeline(cut, leaf_tensor)([leaves[i] for i in read], [leaves[i] for i in split.batch_inputs])
-        b = self.schedule.num_microbatches
-        return PL.run_update(split, leaves, {t: (total / b).astype(graph.tensors[t].dtype)
-                                             for t, total in sums.items()})
+        programs = self.programs(*args)
+        graph, homes_ = programs.cut.split.graph, programs.homes
+        leaves = [x if getattr(x, "sharding", None) == s else jax.device_put(x, s)
+                  for x, s in zip(jax.tree_util.tree_leaves(args), programs.in_shardings)]
+        packed_rows = [pack([leaves[i] for i in reads]) for pack, reads in zip(programs.pack, programs.packed_leaves)]
+        packed = {dtype: _assemble([row[dtype] for row in packed_rows], self.mesh) for dtype in packed_rows[0]}
+        local, exchanged = programs.pipeline(packed, [leaves[i] for i in homes_.shared],
+                                             [leaves[i] for i in programs.cut.split.batch_inputs])
+        outputs: list = [None] * len(graph.output_ops)
+        meshes = {home: self.mesh if home == GLOBAL else self.rows[home] for home in programs.update}
+        copies = {home: [jax.device_put(leaves[i], _on(meshes[home], leaves[i]))
+                         for i in _own_and_foreign(homes_, home)[1]] for home in programs.update}
+        for home, update in programs.update.items():
+            mesh = meshes[home]
+            row = None if home == GLOBAL else {dtype: _rows_of(x, mesh) for dtype, x in local.items()}
+            done = update([leaves[i] for i in _own_and_foreign(homes_, home)[0]], copies[home], row,
+                          exchanged if home == GLOBAL else {d: _rows_of(x, mesh) for d, x in exchanged.items()})
+            for o, value in zip([o for o, h in enumerate(homes_.outputs) if h == home], done):
+                outputs[o] = value
+        return jax.tree_util.tree_unflatten(graph.output_tree, outputs)
+
+    def compile(self, *args) -> dict:
+        """Every program of a call, compiled for these arguments: ``{"pack/r", "pipeline", "update/r" or
+        "update/global": jax.stages.Compiled}``."""
+        programs = self.programs(*args)
+        graph, homes_ = programs.cut.split.graph, programs.homes
+        structs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                   for x, s in zip(jax.tree_util.tree_leaves(args), programs.in_shardings)]
+        out: dict = {}
+        packed = {}
+        for r, (pack, reads) in enumerate(zip(programs.pack, programs.packed_leaves)):
+            lowered = pack.lower([structs[i] for i in reads])
+            out[f"pack/{r}"] = lowered.compile()
+            for dtype, x in lowered.out_info.items():
+                packed[dtype] = jax.ShapeDtypeStruct((self.schedule.num_stages, *x.shape[1:]), x.dtype,
+                                                     sharding=NamedSharding(self.mesh, PartitionSpec("stage")))
+        pipeline = programs.pipeline.lower(packed, [structs[i] for i in homes_.shared],
+                                           [structs[i] for i in programs.cut.split.batch_inputs])
+        out["pipeline"] = pipeline.compile()
+        local, exchanged = pipeline.out_info
+        for home, update in programs.update.items():
+            mesh = self.mesh if home == GLOBAL else self.rows[home]
+
+            def on(x, spec):
+                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+            own, foreign = _own_and_foreign(homes_, home)
+            row = None if home == GLOBAL else {d: on(jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), PartitionSpec())
+                                               for d, x in local.items()}
+            name = "update/global" if home == GLOBAL else f"update/{home}"
+            out[name] = update.lower([structs[i] for i in own], [on(structs[i], structs[i].sharding.spec) for i in foreign],
+                                     row, {d: on(x, PartitionSpec()) for d, x in exchanged.items()}).compile()
+        return out
 
     def p2p_bytes(self, *args) -> float:
         """Bytes each device sends point-to-point per step (see `traffic`)."""
         return traffic(self.cut(*args), self.schedule)[0]
 
-    def gather_bytes(self, *args) -> float:
-        """Bytes of the gradient all-gather after the ticks (see `traffic`)."""
+    def exchanged_bytes(self, *args) -> float:
+        """Bytes of the gradients all-reduced over the stage axis per step (see `traffic`)."""
         return traffic(self.cut(*args), self.schedule)[1]
 
-    def _pipeline(self, cut: StageCut, leaf_tensor):
-        """``(inputs the stages read, batch) -> per-stage sums of the cut values`` as one shard_map."""
+    # -- building the programs ------------------------------------------------------------
+    def _spec(self, specs, index):
+        return PartitionSpec() if specs is None else specs[index]
+
+    def _build(self, cut: StageCut) -> _Programs:
+        graph, split = cut.split.graph, cut.split
+        homes_ = homes(cut, self.schedule.num_stages)
+        meshes = {GLOBAL: self.mesh, **dict(enumerate(self.rows))}
+        in_shardings = tuple(NamedSharding(meshes[GLOBAL if home is None else home], self._spec(self.in_specs, i))
+                             for i, home in enumerate(homes_.leaves))
+        out_shardings = tuple(NamedSharding(meshes[home], self._spec(self.out_specs, o))
+                              for o, home in enumerate(homes_.outputs))
+        layouts = _layouts(cut, homes_)
+        packs, packed_leaves = [], []
+        for r in range(self.schedule.num_stages):
+            chunks = range(r, cut.num_stages, self.schedule.num_stages)
+            reads = tuple(sorted({i for vs in chunks for i in homes_.packed[vs]}))
+            packs.append(jax.jit(self._packer(cut, layouts.params, reads, list(chunks)),
+                                 out_shardings=NamedSharding(self.rows[r], PartitionSpec())))
+            packed_leaves.append(reads)
+        update = {home: self._updater(cut, homes_, layouts, home, meshes[home], out_shardings)
+                  for home in homes_.update_ops}
+        return _Programs(cut=cut, homes=homes_, in_shardings=in_shardings, out_shardings=out_shardings,
+                         pack=tuple(packs), pipeline=self._pipeline(cut, homes_, layouts, in_shardings),
+                         update=update, packed_leaves=tuple(packed_leaves))
+
+    @staticmethod
+    def _packer(cut: StageCut, layout: Packing, reads: Sequence[int], chunks: Sequence[int]):
+        leaf_tensor = [cut.split.graph.ops[o].outputs[0] for o in cut.split.graph.input_ops]
+
+        def pack(values):
+            env = {leaf_tensor[i]: x for i, x in zip(reads, values)}
+            per_chunk = [layout.pack(env, vs) for vs in chunks]
+            return {dtype: jnp.stack([p[dtype] for p in per_chunk])[None] for dtype in layout.lengths}
+        return pack
+
+    def _updater(self, cut: StageCut, homes_: Homes, layouts: _Layouts, home: int, mesh, out_shardings):
+        graph, split, sched = cut.split.graph, cut.split, self.schedule
+        shapes = {t.id: t.shape for t in graph.tensors}
+        leaf_tensor = [graph.ops[o].outputs[0] for o in graph.input_ops]
+        mine = [o for o, h in enumerate(homes_.outputs) if h == home]
+        chunks = [] if home == GLOBAL else list(range(home, cut.num_stages, sched.num_stages))
+        b = sched.num_microbatches
+
+        own, foreign = _own_and_foreign(homes_, home)
+
+        def update(own_values, foreign_values, row, exchanged):
+            env = {leaf_tensor[i]: x for i, x in zip(own + foreign, [*own_values, *foreign_values])}
+            sums = layouts.exchanged.unpack(exchanged, 0, shapes) if homes_.exchanged else {}
+            for c, vs in enumerate(chunks):
+                sums.update(layouts.local.unpack({dtype: x[0, c] for dtype, x in row.items()}, vs, shapes))
+            env.update({t: (total / b).astype(graph.tensors[t].dtype) for t, total in sums.items()})
+            env = PL.evaluate_ops(graph, split.items, homes_.update_ops[home], env)
+            return [env[graph.ops[graph.output_ops[o]].inputs[0]] for o in mine]
+
+        # Donate this home's state when the update returns all of it updated (parameters, optimizer
+        # state) and no other home's update reads it (a copy of it may share its buffer).
+        aliased = {graph.aliases[o] for o in mine if o in graph.aliases}
+        read_elsewhere = {i for h in homes_.update_ops if h != home for i in _own_and_foreign(homes_, h)[1]}
+        donate = (0,) if self.donate and own and set(own) <= aliased and not read_elsewhere & set(own) else ()
+        return jax.jit(update, out_shardings=[out_shardings[o] for o in mine], donate_argnums=donate)
+
+    def _pipeline(self, cut: StageCut, homes_: Homes, layouts: _Layouts, in_shardings):
+        """``(packed rows, shared leaves, batch) -> (per-row sums [S, v, L], exchanged sums [K])``: one
+        shard_map manual over ``"stage"``."""
         graph, split, sched = cut.split.graph, cut.split, self.schedule
         n = cut.num_stages
         shapes = {t.id: t.shape for t in graph.tensors}
-        acts, cots, sums = _layouts(cut)
-        made = sums.groups
+        leaf_tensor = [graph.ops[o].outputs[0] for o in graph.input_ops]
         batch_tensors = [leaf_tensor[i] for i in split.batch_inputs]
-        read = sorted({i for ins in cut.inputs for i in ins})
+        acts, cots, local, exchanged = layouts.acts, layouts.cots, layouts.local, layouts.exchanged
+        unpack_params = layouts.params.unpack
+        leaf_shapes = {leaf_tensor[i]: shapes[leaf_tensor[i]] for i in range(len(leaf_tensor))}
 
-        def environment(vs, inputs: dict, micro, received: dict):
-            env = {leaf_tensor[i]: inputs[leaf_tensor[i]] for i in cut.inputs[vs]}
+        def environment(vs, params, shared: dict, micro, received: dict):
+            env = {leaf_tensor[i]: shared[leaf_tensor[i]] for i in cut.inputs[vs] if i in homes_.shared}
+            env.update(unpack_params(params, vs, leaf_shapes))
             env.update(zip(batch_tensors, micro))
             env.update(received)
             return env
 
         def contributions(env, vs, tensors):
-            values = {t: env[t].astype(jnp.float32) if t in tensors else jnp.zeros(shapes[t], jnp.float32)
-                      for t in made[vs]}
-            return (sums.pack(values, vs),)
+            def values(group):
+                return {t: env[t].astype(jnp.float32) if t in tensors else jnp.zeros(shapes[t], jnp.float32)
+                        for t in group}
+            return local.pack(values(local.groups[vs]), vs), exchanged.pack(values(exchanged.groups[0]), 0)
 
-        def branches(inputs):
+        def branches(shared):
             def idle(_params, act, cot, micro):
-                return acts.zeros(), (sums.zeros(),), cots.zeros()
+                return acts.zeros(), (local.zeros(), exchanged.zeros()), cots.zeros()
 
             def forward(vs):
-                def run(_params, act, cot, micro):
+                def run(params, act, cot, micro):
                     received = acts.unpack(act, vs - 1, shapes) if vs else {}
                     env = PL.evaluate_ops(graph, split.items, cut.forward[vs],
-                                          environment(vs, inputs, micro, received))
+                                          environment(vs, params, shared, micro, received))
                     out = acts.pack(env, vs) if vs < n - 1 else acts.zeros()
                     return out, contributions(env, vs, cut.forward_cut[vs]), cots.zeros()
                 return run
 
             def backward(vs):
-                def run(_params, act, cot, micro):
+                def run(params, act, cot, micro):
                     received = acts.unpack(act, vs - 1, shapes) if vs else {}
                     if vs < n - 1:
                         received.update(cots.unpack(cot, vs + 1, shapes))
                     env = PL.evaluate_ops(graph, split.items, cut.backward[vs],
-                                          environment(vs, inputs, micro, received))
+                                          environment(vs, params, shared, micro, received))
                     out = cots.pack(env, vs) if vs else cots.zeros()
                     return acts.zeros(), contributions(env, vs, cut.backward_cut[vs]), out
                 return run
 
             return [idle] + [forward(vs) for vs in range(n)] + [backward(vs) for vs in range(n)]
 
-        def body(read_values, batch):
-            inputs = dict(zip([leaf_tensor[i] for i in read], read_values))
-            (total,) = PL.run_ticks(sched, branches(inputs), {}, batch, acts.zeros(), cots.zeros(), (sums.zeros(),))
-            # Every row runs the update on whole gradients: gather the stages' sums (one all-gather).
-            return {dtype: jax.lax.all_gather(x, "stage") for dtype, x in total.items()}
+        def body(packed, shared_values, batch):
+            shared = dict(zip([leaf_tensor[i] for i in homes_.shared], shared_values))
+            row = {dtype: x[0] for dtype, x in packed.items()}
+            kept, summed = PL.run_ticks(sched, branches(shared), row, batch, acts.zeros(), cots.zeros(),
+                                        (local.zeros(), exchanged.zeros()))
+            total = {dtype: jax.lax.psum(x.sum(0), "stage") for dtype, x in summed.items()}
+            return {dtype: x[None] for dtype, x in kept.items()}, total
 
-        spec = jax.sharding.PartitionSpec
-        shard = jax.shard_map(body, mesh=self.mesh, in_specs=(spec(), spec()),
-                              out_specs=spec(), axis_names={"stage"}, check_vma=False)
+        spec = PartitionSpec
+        shard = jax.shard_map(body, mesh=self.mesh, in_specs=(spec("stage"), spec(), spec()),
+                              out_specs=(spec("stage"), spec()), axis_names={"stage"}, check_vma=False)
+        return jax.jit(
+            shard, in_shardings=({dtype: NamedSharding(self.mesh, spec("stage")) for dtype in layouts.params.lengths},
+                                 [in_shardings[i] for i in homes_.shared],
+                                 [in_shardings[i] for i in split.batch_inputs]),
+            out_shardings=(NamedSharding(self.mesh, spec("stage")), NamedSharding(self.mesh, spec())))
 
-        def run(read_values, batch):
-            total = shard(read_values, batch)  # [S, v, length]
-            values = {}
-            for vs in range(n):
-                row = {dtype: x[vs % sched.num_stages, vs // sched.num_stages] for dtype, x in total.items()}
-                values.update(sums.unpack(row, vs, shapes))
-            return values
 
-        return run
+def _assemble(rows: Sequence[jax.Array], mesh: jax.sharding.Mesh) -> jax.Array:
+    """Per-row ``[1, ...]`` arrays (each on its row's devices) as one ``P("stage")`` array; no copy."""
+    shards = [s.data for row in rows for s in row.addressable_shards]
+    return jax.make_array_from_single_device_arrays((len(rows), *rows[0].shape[1:]),
+                                                    NamedSharding(mesh, PartitionSpec("stage")), shards)
 
+
+def _own_and_foreign(homes_: Homes, home: int) -> tuple[list[int], list[int]]:
+    """The leaves ``home``'s update reads: its own, and those copied in from another home."""
+    reads = homes_.update_reads[home]
+    return [i for i in reads if homes_.leaves[i] == home], [i for i in reads if homes_.leaves[i] != home]
+
+
+def _on(mesh: jax.sharding.Mesh, leaf: jax.Array) -> NamedSharding:
+    """``leaf``'s PartitionSpec on another mesh with the same axes (a copy between homes)."""
+    return NamedSharding(mesh, getattr(leaf.sharding, "spec", PartitionSpec()))
 
 
 def traffic(cut: StageCut, sched: PL.Schedule) -> tuple[float, float]:
     """What the runtime sends per step: (point-to-point bytes per device: every tick moves the packed
     forward buffers ahead and the packed backward buffers back, idle ticks too, as a collective runs on
-    every device; bytes of the one all-gather after the ticks that gives every stage row every stage's
-    float32 sums of gradients and losses, for the update every row runs)."""
-    acts, cots, sums = _layouts(cut)
-    per_tick = sum(n * G.itemsize(d) for layout in (acts, cots) for d, n in layout.lengths.items())
-    gathered = sched.num_stages * sched.virtual * 4 * sums.lengths.get("float32", 0)
-    return float(sched.num_ticks * per_tick), float(gathered)
+    every device; bytes of the float32 gradient sums all-reduced over the stage axis after the ticks,
+    the exchanged values of `homes`)."""
+    layouts = _layouts(cut, homes(cut, sched.num_stages))
+    per_tick = sum(n * G.itemsize(d) for layout in (layouts.acts, layouts.cots) for d, n in layout.lengths.items())
+    return float(sched.num_ticks * per_tick), float(4 * layouts.exchanged.lengths.get("float32", 0))
 
 
 def stash_bytes(cut: StageCut, sched: PL.Schedule) -> float:
     """Bytes each device keeps for the values it received: forward and backward buffers for each of its
     ``v`` chunks and every microbatch (the backward recomputes its forward from them)."""
-    acts, cots, _ = _layouts(cut)
-    per_slot = sum(n * G.itemsize(d) for layout in (acts, cots) for d, n in layout.lengths.items())
+    layouts = _layouts(cut, homes(cut, sched.num_stages))
+    per_slot = sum(n * G.itemsize(d) for layout in (layouts.acts, layouts.cots) for d, n in layout.lengths.items())
     return float(sched.virtual * sched.num_microbatches * per_slot)
 
 
-def _layouts(cut: StageCut) -> tuple[Packing, Packing, Packing]:
-    """How values travel: ahead, back, and the per-stage sums of gradients and losses (float32)."""
+def packed_bytes(cut: StageCut, sched: PL.Schedule) -> float:
+    """Bytes of the packed parameter buffer each device of a stage row holds while the pipeline runs."""
+    layout = _layouts(cut, homes(cut, sched.num_stages)).params
+    return float(sched.virtual * sum(n * G.itemsize(d) for d, n in layout.lengths.items()))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Layouts:
+    """How values travel: the packed parameters of each virtual stage, the values sent ahead and back,
+    each virtual stage's kept gradient sums and the exchanged sums (float32)."""
+
+    params: Packing
+    acts: Packing
+    cots: Packing
+    local: Packing
+    exchanged: Packing
+
+
+def _layouts(cut: StageCut, homes_: Homes) -> _Layouts:
     graph = cut.split.graph
     dtype_of, size_of = (lambda t: graph.tensors[t].dtype), (lambda t: graph.tensors[t].size)
-    made = [cut.forward_cut[k] + cut.backward_cut[k] for k in range(cut.num_stages)]
-    return (packing(cut.ahead, dtype_of, size_of), packing(cut.back, dtype_of, size_of),
-            packing(made, lambda t: "float32", size_of))
+    leaf_tensor = [graph.ops[o].outputs[0] for o in graph.input_ops]
+    as_f32 = lambda t: "float32"  # noqa: E731
+    return _Layouts(
+        params=packing([[leaf_tensor[i] for i in group] for group in homes_.packed], dtype_of, size_of),
+        acts=packing(cut.ahead, dtype_of, size_of), cots=packing(cut.back, dtype_of, size_of),
+        local=packing(homes_.local, as_f32, size_of), exchanged=packing([homes_.exchanged], as_f32, size_of))
 
 
 def plan_bounds(stages, schedule: str) -> list[tuple[int, int]] | None:
@@ -346,7 +626,56 @@ def plan_bounds(stages, schedule: str) -> list[tuple[int, int]] | None:
     return [(stage.start, stage.end) for stage in stages]
 
 
-def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh) -> StagedStep:
-    """``fun`` pipelined as ``plan`` says (its stages, schedule and microbatches) on ``mesh``."""
+def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh, *, donate: bool = False) -> StagedStep:
+    """``fun`` pipelined as ``plan`` says (its stages, schedule, microbatches and leaf specs) on ``mesh``."""
     sched = PL.schedule(plan.schedule, stages=len(plan.stages), microbatches=plan.microbatches)
-    return StagedStep(fun, sched, mesh, plan_bounds(plan.stages, plan.schedule))
+    return StagedStep(fun, sched, mesh, plan_bounds(plan.stages, plan.schedule),
+                      in_specs=[leaf.partition_spec for leaf in plan.inputs],
+                      out_specs=[leaf.partition_spec for leaf in plan.outputs], donate=donate)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StagedProgram:
+    """A pipelined plan made runnable (what `autoparallel` runs): like `emit.Program`, but several
+    programs run per call (`StagedStep`), so ``lower(...).compile()`` gives a `StagedCompiled`."""
+
+    plan: Any
+    mesh: jax.sharding.Mesh
+    graph: G.Graph
+    staged: StagedStep
+    in_shardings: Any  # per argument leaf: its home's sharding (a pytree like the arguments)
+
+    def __call__(self, *dynamic_args):
+        return self.staged(*dynamic_args)
+
+    def lower(self, *dynamic_args) -> StagedLowered:
+        return StagedLowered(staged=self.staged, args=dynamic_args)
+
+    def trace(self, *dynamic_args):
+        raise NotImplementedError("a pipelined step runs several programs (see StagedStep); use .lower(...)"
+                                  ".compile().programs to inspect them")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StagedLowered:
+    staged: StagedStep
+    args: tuple
+
+    def compile(self) -> StagedCompiled:
+        return StagedCompiled(programs=self.staged.compile(*self.args))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StagedCompiled:
+    """The compiled programs of one pipelined step, by name (see `StagedStep.compile`)."""
+
+    programs: dict
+
+
+def emit_staged(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True) -> StagedProgram:
+    """A plan with several stages as a `StagedProgram` on ``mesh``."""
+    staged = staged_step(plan, fun, mesh, donate=donate)
+    structs = [jax.ShapeDtypeStruct(graph.tensors[graph.ops[o].outputs[0]].shape,
+                                    graph.tensors[graph.ops[o].outputs[0]].dtype) for o in graph.input_ops]
+    args = jax.tree_util.tree_unflatten(graph.input_tree, structs)
+    return StagedProgram(plan=plan, mesh=mesh, graph=graph, staged=staged, in_shardings=staged.in_shardings(*args))
