@@ -78,9 +78,9 @@ def test_pipelined_traced_gpt_equals_single_device(name, stages, microbatches, v
     permutes = [c for c in collectives if c.kind == "collective-permute"]
     assert permutes and all(c.repeats == schedule.num_ticks for c in permutes)
     assert sum(c.nbytes * c.repeats for c in permutes) == pytest.approx(
-        staged.p2p_bytes(params, opt_state, batches[0]), rel=0.01)
+        staged.runtime_cost(params, opt_state, batches[0]).p2p_bytes, rel=0.01)
     assert [c.kind for c in collectives if c.kind != "collective-permute"] == []
-    assert staged.exchanged_bytes(params, opt_state, batches[0]) == 0
+    assert staged.runtime_cost(params, opt_state, batches[0]).exchanged_bytes == 0
     assert all(hlo.collectives(program, staged.rows[0]) == [] for name, program in compiled.items()
                if name.startswith(("pack/", "update/")) and name != "update/global")
 
@@ -118,7 +118,7 @@ def test_global_norm_clipping_exchanges_every_gradient():
     collectives = hlo.collectives(staged.compile(params, opt_state, batches[0])["pipeline"], _mesh(2))
     reduced = [c for c in collectives if c.kind == "all-reduce"]
     assert [c.axes for c in reduced] == [("stage",)]
-    assert reduced[0].nbytes == staged.exchanged_bytes(params, opt_state, batches[0]) \
+    assert reduced[0].nbytes == staged.runtime_cost(params, opt_state, batches[0]).exchanged_bytes \
         == 4 * sum(x.size for x in jax.tree_util.tree_leaves(params))
 
 
@@ -216,3 +216,31 @@ def test_autoparallel_runs_a_planned_pipeline_like_jit_and_as_priced():
     xla = max(state.values()) + stats.argument_size_in_bytes + stats.output_size_in_bytes \
         - stats.alias_size_in_bytes + stats.temp_size_in_bytes
     assert plan.cost.memory_bytes == pytest.approx(xla, rel=0.2)
+
+
+def test_checkpoint_of_a_pipelined_run_restores_onto_its_stages_and_onto_a_plan_without_stages(tmp_path):
+    """A pipelined run's state (each leaf on its stage's devices) saves with `autoplan.checkpoint`,
+    restores onto the pipelined plan (every leaf back on its own stage row, the next step identical)
+    and onto a one-stage plan (every leaf on all devices, the next step equal to jax.jit's)."""
+    spec = _gpt(layers=4, hidden=32, seq_len=8, vocab_size=64)
+    params, opt_state = spec.init(jax.random.key(0))
+    batches = [spec.make_batch(jax.random.key(i)) for i in range(3)]
+    (want, _), want_losses = _run(jax.jit(spec.train_step), (params, opt_state), batches)
+    step = autoplan.autoparallel(spec.train_step, cluster="a100-8x", stages=2, microbatches=2)
+    state, _ = _run(step, (params, opt_state), batches[:2])
+    autoplan.checkpoint.save(str(tmp_path), tuple(state), step=2, asynchronous=False)
+    (pipelined, _), last = _run(step, state, batches[2:])
+
+    restored, at = autoplan.checkpoint.restore(str(tmp_path), step.plan)
+    assert at == 2
+    _assert_stage_owned(*restored, step.mesh, 2)
+    (again, _), again_last = _run(step, restored, batches[2:])
+    assert again_last == last
+    _assert_same(again, pipelined, rtol=0, atol=0)
+
+    flat = autoplan.plan(spec.train_step, params, opt_state, batches[0], num_devices=8, cluster="a100-8x")
+    restored, _ = autoplan.checkpoint.restore(str(tmp_path), flat)
+    assert all(len(leaf.sharding.device_set) == 8 for leaf in jax.tree_util.tree_leaves(restored))
+    (resumed, _), resumed_last = _run(autoplan.autoparallel(spec.train_step, plan=flat), restored, batches[2:])
+    np.testing.assert_allclose(resumed_last, want_losses[2:], rtol=1e-6)
+    _assert_same(resumed, want)

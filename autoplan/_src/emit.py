@@ -58,7 +58,18 @@ def as_auto_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
 
 
 def leaf_shardings(leaves: Sequence[P.LeafSharding], mesh: jax.sharding.Mesh) -> list[jax.sharding.NamedSharding]:
-    return [jax.sharding.NamedSharding(mesh, leaf.partition_spec) for leaf in leaves]
+    """Each leaf's NamedSharding: on ``mesh``, or on its stage row's devices when a pipeline keeps it there."""
+    return [jax.sharding.NamedSharding(mesh if leaf.stage is None else stage_row(mesh, leaf.stage), leaf.partition_spec)
+            for leaf in leaves]
+
+
+def stage_row(mesh: jax.sharding.Mesh, row: int) -> jax.sharding.Mesh:
+    """Stage row ``row``'s devices as a mesh with ``mesh``'s axes (``"stage"`` of size 1)."""
+    if "stage" not in mesh.axis_names:
+        raise ValueError(f"a leaf kept on pipeline stage {row} needs a mesh with a 'stage' axis; mesh has "
+                         f"{dict(mesh.shape)}")
+    devices = np.take(mesh.devices, [row], axis=mesh.axis_names.index("stage"))
+    return jax.sharding.Mesh(devices, mesh.axis_names, axis_types=mesh.axis_types)
 
 
 def input_named_shardings(plan: P.Plan, mesh: jax.sharding.Mesh | None = None):

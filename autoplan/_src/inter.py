@@ -562,26 +562,24 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=schedule,
                           memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
                           layer_names=["+".join(u) for u in units])
-    choice, traffic = _with_runtime_traffic(choice, cost)
-    return _pipeline_plan(choice, traffic, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
+    choice, runtime = _with_runtime_traffic(choice, cost)
+    return _pipeline_plan(choice, runtime, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
 
 
-def _runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts, splits: dict) -> tuple[float, float, float, float]:
-    """What the stage costs leave out, per step of the runtime running ``choice``: point-to-point bytes,
-    bytes of the gradients all-reduced over the stage axis, bytes of received values each device
-    stashes, and bytes of the packed parameters a stage row holds.  ``splits`` caches the step's split
-    per B."""
+def _runtime_cost(choice: PipelineChoice, cost: GraphStageCosts, splits: dict):
+    """`staging.RuntimeCost` of the runtime running ``choice`` (None for one stage): what the stage
+    costs leave out.  ``splits`` caches the step's split per B."""
     from autoplan._src import staging
 
     if len(choice.stages) == 1:
-        return 0.0, 0.0, 0.0, 0.0
+        return None
     b = choice.microbatches
     if b not in splits:
         graph = cost._graph(b)[0]
         splits[b] = PL.split_at_gradients(graph, PL._batch_leaves(graph, cost.batch_prefix))
     sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=b)
     cut = staging.cut_for_schedule(splits[b], sched, staging.plan_bounds(choice.stages, choice.schedule))
-    return (*staging.traffic(cut, sched), staging.stash_bytes(cut, sched), staging.packed_bytes(cut, sched))
+    return staging.runtime_cost(cut, sched)
 
 
 def _pipeline_mesh(choice: PipelineChoice) -> C.MeshShape:
@@ -593,21 +591,22 @@ def _with_runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts):
     """The DP's choice and alternatives with what the stage costs leave out: the all-reduce over the
     stage axis of the gradients another stage's update reads (`staging.homes`: none when every stage
     updates its own state; all of them under global-norm clipping).  Re-ranked; the best is returned
-    with its `_runtime_traffic`."""
+    with its `_runtime_cost`."""
     splits: dict = {}
     priced = []
     for c in (dataclasses.replace(choice, alternatives=()), *choice.alternatives):
-        traffic = _runtime_traffic(c, cost, splits)
+        runtime = _runtime_cost(c, cost, splits)
         seconds = c.step_seconds
-        if traffic[1]:
-            seconds += C.collective_seconds("all-reduce", traffic[1], ("stage",), _pipeline_mesh(c), cost.cluster)
-        priced.append((dataclasses.replace(c, step_seconds=seconds), traffic))
+        if runtime is not None and runtime.exchanged_bytes:
+            seconds += C.collective_seconds("all-reduce", runtime.exchanged_bytes, ("stage",), _pipeline_mesh(c),
+                                            cost.cluster)
+        priced.append((dataclasses.replace(c, step_seconds=seconds), runtime))
     priced.sort(key=lambda pair: pair[0].step_seconds)
     best, traffic = priced[0]
     return dataclasses.replace(best, alternatives=tuple(c for c, _ in priced[1:])), traffic
 
 
-def _pipeline_plan(choice: PipelineChoice, traffic: tuple[float, float, float, float], cost: GraphStageCosts,
+def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
                    graph: G.Graph, cluster: C.Cluster, budget: float, time_limit: float, api, P):
     first = choice.stages[0]
     base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
@@ -615,16 +614,19 @@ def _pipeline_plan(choice: PipelineChoice, traffic: tuple[float, float, float, f
     options = [next(o for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
                for s in choice.stages]
     plans = [o.detail for o in options]
-    p2p, exchanged, stash, packed = traffic
-    # A stage row keeps its own parameters and optimizer state, their packed copy the pipeline reads,
-    # the values it received for every microbatch, and one microbatch's activations (the backward
-    # recomputes its stage's forward).
-    memory = max(o.weight_bytes for o in options) + packed + max(o.activation_bytes for o in options) + stash \
-        if len(options) > 1 else choice.stages[0].memory_bytes
     busy = sum(s.seconds for s in choice.stages)
     comm_share = sum(p.cost.communication_seconds for p in plans) / busy if busy else 0.0
     step = choice.step_seconds
-    sent = p2p + C.collective_bytes("all-reduce", exchanged, len(choice.stages))
+    memory, sent = choice.stages[0].memory_bytes, 0.0
+    if runtime is not None:
+        # A stage row keeps its own parameters and optimizer state, their packed copy the pipeline reads,
+        # the values it received for every microbatch, and one microbatch's activations (the backward
+        # recomputes its stage's forward).
+        memory = max(o.weight_bytes for o in options) + runtime.packed_bytes \
+            + max(o.activation_bytes for o in options) + runtime.stash_bytes
+        sent = runtime.p2p_bytes + C.collective_bytes("all-reduce", runtime.exchanged_bytes, len(choice.stages))
+        base = dataclasses.replace(base, inputs=_with_homes(base.inputs, runtime.leaf_homes),
+                                   outputs=_with_homes(base.outputs, runtime.output_homes))
     pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
                            communication_seconds=step * comm_share,
                            communication_bytes=choice.microbatches * max(p.cost.communication_bytes for p in plans)
@@ -633,6 +635,12 @@ def _pipeline_plan(choice: PipelineChoice, traffic: tuple[float, float, float, f
         base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
         microbatches=choice.microbatches, alternatives=choice.alternatives,
         solver={**base.solver, "stage_solves": cost.solves})
+
+
+def _with_homes(leaves, homes):
+    """Leaf layouts with the stage row that alone holds each (None: the whole mesh, or the batch)."""
+    return tuple(dataclasses.replace(leaf, stage=home if home is not None and home >= 0 else None)
+                 for leaf, home in zip(leaves, homes))
 
 
 def evaluate_layout(cost: StageCost, bounds: Sequence[tuple[int, int]], devices: Sequence[int], microbatches: int,

@@ -39,6 +39,7 @@ class LeafSharding:
     shape: tuple[int, ...]
     dtype: str
     spec: S.Spec
+    stage: int | None = None  # in a pipeline: the stage row whose devices alone hold it; None: every device
 
     @property
     def partition_spec(self) -> jax.sharding.PartitionSpec:
@@ -270,7 +271,7 @@ class Plan:
     # -- serialization -------------------------------------------------------------
     def to_dict(self) -> dict:
         leaf = lambda x: {"path": x.path, "shape": list(x.shape), "dtype": x.dtype,  # noqa: E731
-                          "spec": [list(a) for a in x.spec]}
+                          "spec": [list(a) for a in x.spec]} | ({} if x.stage is None else {"stage": x.stage})
         return {
             "format": "autoplan.plan", "version": PLAN_FORMAT_VERSION, "name": self.name,
             "mesh": {"axis_names": list(self.mesh.axis_names), "axis_sizes": list(self.mesh.axis_sizes)},
@@ -306,7 +307,7 @@ class Plan:
             mesh = C.MeshShape(axis_names=tuple(data["mesh"]["axis_names"]),
                                axis_sizes=tuple(data["mesh"]["axis_sizes"]))
             leaf = lambda x: LeafSharding(path=x["path"], shape=tuple(x["shape"]), dtype=x["dtype"],  # noqa: E731
-                                          spec=tuple(tuple(a) for a in x["spec"]))
+                                          spec=tuple(tuple(a) for a in x["spec"]), stage=x.get("stage"))
             for x in data["inputs"] + data["outputs"]:
                 for axes in x["spec"]:
                     for a in axes:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from autoplan._src import emit as E
 from autoplan._src import graph as G
 from autoplan._src import inter
 from autoplan._src import pipeline as PL
@@ -285,13 +286,6 @@ def homes(cut: StageCut, rows: int) -> Homes:
         exchanged=tuple(exchanged), update_ops=update_ops, update_reads=update_reads)
 
 
-def row_mesh(mesh: jax.sharding.Mesh, row: int) -> jax.sharding.Mesh:
-    """Stage row ``row``'s devices as a mesh with the same axes (``"stage"`` of size 1)."""
-    axis = mesh.axis_names.index("stage")
-    devices = np.take(mesh.devices, [row], axis=axis)
-    return jax.sharding.Mesh(devices, mesh.axis_names, axis_types=mesh.axis_types)
-
-
 def _rows_of(array: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
     """The part of ``array`` on ``mesh``'s devices (a row of a ``P("stage")`` array, or a replicated one)
     as an array on ``mesh``, replicated there; no copy."""
@@ -339,7 +333,7 @@ class StagedStep:
                              f"mesh has {dict(mesh.shape)}")
         self.schedule, self.mesh, self.bounds = schedule, mesh, bounds
         self.in_specs, self.out_specs, self.donate = in_specs, out_specs, donate
-        self.rows = [row_mesh(mesh, r) for r in range(schedule.num_stages)]
+        self.rows = [E.stage_row(mesh, r) for r in range(schedule.num_stages)]
         self.accumulated = PL.Accumulated(step, schedule.num_microbatches, batch_argnum)
         self._programs: dict[int, _Programs] = {}
 
@@ -413,13 +407,8 @@ class StagedStep:
                                      row, {d: on(x, PartitionSpec()) for d, x in exchanged.items()}).compile()
         return out
 
-    def p2p_bytes(self, *args) -> float:
-        """Bytes each device sends point-to-point per step (see `traffic`)."""
-        return traffic(self.cut(*args), self.schedule)[0]
-
-    def exchanged_bytes(self, *args) -> float:
-        """Bytes of the gradients all-reduced over the stage axis per step (see `traffic`)."""
-        return traffic(self.cut(*args), self.schedule)[1]
+    def runtime_cost(self, *args) -> RuntimeCost:
+        return runtime_cost(self.cut(*args), self.schedule)
 
     # -- building the programs ------------------------------------------------------------
     def _spec(self, specs, index):
@@ -570,28 +559,33 @@ def _on(mesh: jax.sharding.Mesh, leaf: jax.Array) -> NamedSharding:
     return NamedSharding(mesh, getattr(leaf.sharding, "spec", PartitionSpec()))
 
 
-def traffic(cut: StageCut, sched: PL.Schedule) -> tuple[float, float]:
-    """What the runtime sends per step: (point-to-point bytes per device: every tick moves the packed
-    forward buffers ahead and the packed backward buffers back, idle ticks too, as a collective runs on
-    every device; bytes of the float32 gradient sums all-reduced over the stage axis after the ticks,
-    the exchanged values of `homes`)."""
-    layouts = _layouts(cut, homes(cut, sched.num_stages))
-    per_tick = sum(n * G.itemsize(d) for layout in (layouts.acts, layouts.cots) for d, n in layout.lengths.items())
-    return float(sched.num_ticks * per_tick), float(4 * layouts.exchanged.lengths.get("float32", 0))
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class RuntimeCost:
+    """What the runtime does per step beyond the stages' own programs (what `inter` prices), and where
+    it keeps the state (`Homes`: per input and output leaf, its stage row or `GLOBAL`)."""
+
+    p2p_bytes: float  # sent per device: every tick moves the packed buffers ahead and back, idle ticks too
+    exchanged_bytes: float  # float32 gradients all-reduced over the stage axis after the ticks
+    stash_bytes: float  # received values each device keeps: v chunks x B microbatches
+    packed_bytes: float  # the packed parameters a stage row's devices hold while the pipeline runs
+    leaf_homes: tuple[int | None, ...]
+    output_homes: tuple[int, ...]
 
 
-def stash_bytes(cut: StageCut, sched: PL.Schedule) -> float:
-    """Bytes each device keeps for the values it received: forward and backward buffers for each of its
-    ``v`` chunks and every microbatch (the backward recomputes its forward from them)."""
-    layouts = _layouts(cut, homes(cut, sched.num_stages))
-    per_slot = sum(n * G.itemsize(d) for layout in (layouts.acts, layouts.cots) for d, n in layout.lengths.items())
-    return float(sched.virtual * sched.num_microbatches * per_slot)
+def runtime_cost(cut: StageCut, sched: PL.Schedule) -> RuntimeCost:
+    """The `RuntimeCost` of running ``cut`` with ``sched``."""
+    homes_ = homes(cut, sched.num_stages)
+    layouts = _layouts(cut, homes_)
 
+    def nbytes(*packings):
+        return sum(n * G.itemsize(d) for layout in packings for d, n in layout.lengths.items())
 
-def packed_bytes(cut: StageCut, sched: PL.Schedule) -> float:
-    """Bytes of the packed parameter buffer each device of a stage row holds while the pipeline runs."""
-    layout = _layouts(cut, homes(cut, sched.num_stages)).params
-    return float(sched.virtual * sum(n * G.itemsize(d) for d, n in layout.lengths.items()))
+    per_tick = nbytes(layouts.acts, layouts.cots)
+    return RuntimeCost(p2p_bytes=float(sched.num_ticks * per_tick),
+                       exchanged_bytes=float(nbytes(layouts.exchanged)),
+                       stash_bytes=float(sched.virtual * sched.num_microbatches * per_tick),
+                       packed_bytes=float(sched.virtual * nbytes(layouts.params)),
+                       leaf_homes=homes_.leaves, output_homes=homes_.outputs)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -678,4 +672,12 @@ def emit_staged(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *,
     structs = [jax.ShapeDtypeStruct(graph.tensors[graph.ops[o].outputs[0]].shape,
                                     graph.tensors[graph.ops[o].outputs[0]].dtype) for o in graph.input_ops]
     args = jax.tree_util.tree_unflatten(graph.input_tree, structs)
+    runs = [None if home is None or home < 0 else home for home in staged.homes(*args).leaves]
+    planned = [leaf.stage for leaf in plan.inputs]
+    if any(p is not None for p in planned) and planned != runs:
+        leaf = next(leaf for leaf, r in zip(plan.inputs, runs) if leaf.stage != r)
+        raise E.PlanMismatchError(
+            f"plan {plan.name!r} keeps {leaf.path!r} on stage {leaf.stage} but this step's pipeline reads it on "
+            f"{'every stage' if runs[plan.inputs.index(leaf)] is None else 'stage ' + str(runs[plan.inputs.index(leaf)])}"
+            "; re-plan this step")
     return StagedProgram(plan=plan, mesh=mesh, graph=graph, staged=staged, in_shardings=staged.in_shardings(*args))
