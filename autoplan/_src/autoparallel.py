@@ -193,8 +193,10 @@ def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster |
     layouts.  ``stages``, ``microbatches`` and ``schedule`` pin the
     inter-operator pass (see
     `autoplan.plan`); a plan with one stage runs as gradient accumulation over
-    the microbatches, one with several stages is refused here (run layer
-    sequences with `autoplan.Pipeline`).
+    the microbatches, one with several as a pipeline of the step as written
+    (`autoplan._src.staging`: each stage row keeps and updates its own
+    parameters and optimizer state, which the step returns on that row's
+    devices; ``.lower(...).compile().programs`` holds its compiled programs).
 
     Arguments are pytrees of arrays: a Flax NNX Module or Optimizer, which
     an ``nnx.jit`` step mutates in place, is refused with the ``nnx.split``

@@ -5,9 +5,9 @@ exactly as the user wrote it: no layer list, no second differentiation.  The
 step is traced at the microbatch size and cut at its gradients (`pipeline.
 split_at_gradients`).  Each op of the gradient part gets a virtual stage: the
 stage of its pipeline layer (`inter.layer_units`), moved later for a forward op
-whose operand is made later, and earlier for a backward op whose cotangent
-operand is made earlier, so that forward values only flow to later stages and
-cotangents only to earlier ones.  Then:
+whose operand is made later; a backward op goes with the latest forward value
+it reads but no later than the cotangents it reads, so that forward values flow
+to later stages and cotangents only to earlier ones.  Then:
 
 * ``F(vs)`` runs the forward ops of virtual stage ``vs`` and sends the next
   stage every forward value that a later stage reads (its own, and those it
@@ -17,19 +17,23 @@ cotangents only to earlier ones.  Then:
   backward ops (the user's: custom VJPs and remat policies are kept), and
   sends the previous stage every value an earlier stage's backward reads;
 * the gradients and losses each stage makes (the values the update reads) are
-  summed over microbatches on their stage and averaged; the update part runs
-  once, after the pipeline, under ``jax.jit`` with the plan's shardings.
+  summed over microbatches on their stage row and averaged.
 
 Values crossing a stage boundary travel packed: one flat buffer per dtype, as
 long as the longest boundary needs, moved with ``lax.ppermute`` every tick
-(`pipeline.run_ticks`).  The parameters and optimizer state are held as the
-plan's leaf shardings say, which do not split over ``"stage"``: every stage row
-keeps all of them, its stages read them in place (no transfer), and after
-the ticks one all-gather gives every row every stage's gradient sums
-for the update, which every row runs.  So a pipeline saves activation memory
-and per-microbatch traffic, not weight memory, and its gradient all-gather
-costs the stage axis about what data parallelism's reduction would
-(`traffic` prices both; stage-owned state is not built).
+(`pipeline.run_ticks`).
+
+State is stage-owned (`homes`): a parameter lives on the devices of the one
+stage row whose ops read it, its optimizer state with it, and that row's update
+program updates them; no device holds another stage's weights.  A call packs
+each row's parameters into one buffer per dtype on that row, assembles the rows
+into one ``P("stage")`` array without copying, runs the pipeline, and runs each
+row's update on the row's devices (MPMD dispatch of single-controller JAX, as
+JaxPP does: a `NamedSharding` over the whole mesh cannot keep a leaf on one row,
+and the step's outputs are the user's pytrees).  A gradient that another home's
+update reads (a tied embedding's; every one under global-norm clipping) is
+all-reduced over ``"stage"`` inside the pipeline program; `runtime_cost` says
+how many bytes, and what the packed copy and the stash hold.
 """
 
 from __future__ import annotations
