@@ -1,13 +1,19 @@
-"""Pipeline planning on a slow-link cluster: the stage DP's plan (stages, submeshes, logical meshes and
-microbatches B in 1, 2, 4, 8 all chosen) vs the best non-pipelined plan (intra-operator ILP over every
-(data, model) mesh, no microbatches) vs a Megatron-style hand pipeline (2 stages of equal layers, 1F1B,
-4 microbatches).
+"""Pipeline planning on a slow-link cluster, predicted and priced from compiled HLO.
 
-Two clusters of 8 devices in nodes of 4: "slow-link" (inter-node bandwidth 100x below intra-node) and
-"equal-link" (the same bandwidth everywhere).  All figures are the cost model's predictions (not yet
-priced from compiled HLO); pipeline figures leave out the optimizer update, the non-pipelined plan's
-include it.  Writes benchmarks/results/pipeline.{csv,md} and the chosen schedule as
-benchmarks/results/pipeline_schedule.txt.
+Three programs per cluster for one GPT training step (Adam), 8 devices in nodes of 4:
+
+* the planner's choice: `autoplan.plan(..., schedule="1f1b")`, the stage DP choosing stages,
+  submeshes, logical meshes and microbatches;
+* the best non-pipelined plan: the intra-operator ILP over every (data, model) mesh;
+* a Megatron-style hand pipeline: 2 stages of equal layers, 1F1B, the chosen plan's microbatches
+  (4 when the choice has one stage), data parallel over the 4 devices of each stage.
+
+"predicted" is the cost model's step; "priced" is the same alpha-beta / roofline model applied to
+the programs XLA compiled: the pipelines' packing, tick loop (each tick as long as its slowest
+stage's branch, picked by the schedule's task table, plus the point-to-point sends every tick),
+exchange and updates (`staging.priced_step`), the non-pipelined program's `hlo.compiled_report`.
+Clusters: "slow-link" (inter-node bandwidth 100x below intra-node) and "equal-link".  Writes
+benchmarks/results/pipeline.{csv,md}, the chosen schedule as pipeline_schedule.{txt,png}.
 
     PYTHONPATH=$PWD python benchmarks/pipeline.py
 """
@@ -21,8 +27,11 @@ import time
 import jax
 
 import autoplan
+from autoplan._src import emit
+from autoplan._src import hlo
 from autoplan._src import inter
 from autoplan._src import pipeline as pl
+from autoplan._src import staging
 from autoplan._src import trace
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -32,64 +41,133 @@ CLUSTERS = {
     "equal-link": autoplan.Cluster(name="equal-link", device_flops=312e12, device_memory=80e9, devices_per_node=4,
                                    intra_node_bandwidth=300e9, inter_node_bandwidth=300e9, latency=10e-6),
 }
-MODEL = dict(layers=4, hidden=256, heads=4, seq_len=128, vocab_size=8192, batch=8)
+MODEL = "gpt-small"
+OVERRIDES = dict(layers=4, hidden=256, heads=4, seq_len=128, vocab_size=8192, batch=8)
 DEVICES = 8
-MICROBATCHES = 4
+HAND_MICROBATCHES = 4
+
+
+def _mesh(axes: dict) -> jax.sharding.Mesh:
+    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def _layout(stages) -> str:
+    return " / ".join(f"{'+'.join(s.layers)} @ {s.mesh.as_dict()}" for s in stages)
+
+
+def _priced_plan(plan, spec, args, graph) -> float:
+    """Seconds per step of the program `autoparallel` runs for ``plan``, priced from its compiled HLO."""
+    mesh = emit.device_mesh(plan.mesh)
+    if len(plan.stages) > 1:
+        program = staging.emit_staged(plan, spec.train_step, graph, mesh)
+        sched = pl.schedule(plan.schedule, stages=len(plan.stages), microbatches=plan.microbatches)
+        return staging.priced_step(program.lower(*args).compile(), sched, mesh, plan.cluster)["step"]
+    if plan.microbatches > 1:
+        program = pl.emit_accumulated(plan, spec.train_step, graph, mesh)
+    else:
+        program = emit.emit(plan, graph, mesh)
+    return hlo.compiled_report(program.lower(*args).compile(), mesh, plan.cluster).step_seconds
+
+
+def _hand_pipeline(spec, args, cluster, microbatches: int):
+    """Megatron-style: two stages of equal layers, 1F1B, data parallel inside each stage; (predicted,
+    priced) seconds."""
+    names = trace._argument_names(spec.train_step, 3)
+    cost = inter.GraphStageCosts(lambda b: trace.trace(spec.train_step, *pl.microbatch_shapes(args, 2, b, names)),
+                                 cluster)
+    cost.total_devices = DEVICES
+    units = cost.units(microbatches)
+    bounds = pl.even_bounds(len(units), 2)
+    predicted = inter.evaluate_layout(cost, bounds, [DEVICES // 2] * 2, microbatches,
+                                      layer_names=["+".join(u) for u in units])
+    mesh = _mesh({"stage": 2, "data": DEVICES // 2})
+    sched = pl.schedule("1f1b", stages=2, microbatches=microbatches)
+    graph = trace.trace(spec.train_step, *args)
+    batch = set(range(len(graph.input_ops) - len(jax.tree_util.tree_leaves(args[2])), len(graph.input_ops)))
+    in_specs = [jax.sharding.PartitionSpec("data") if i in batch else jax.sharding.PartitionSpec()
+                for i in range(len(graph.input_ops))]
+    staged = staging.StagedStep(spec.train_step, sched, mesh, bounds, in_specs=in_specs)
+    compiled = staging.StagedCompiled(programs=staged.compile(*args))
+    return predicted, staging.priced_step(compiled, sched, mesh, cluster)["step"]
+
+
+def _schedule_picture(sched, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, sched.num_ticks * 0.45), 0.6 * sched.num_stages + 1))
+    for task in sched.tasks:
+        forward = task.kind == pl.FORWARD
+        ax.add_patch(plt.Rectangle((task.tick, task.stage), 1, 1, facecolor="#4c72b0" if forward else "#dd8452",
+                                   edgecolor="white"))
+        ax.text(task.tick + 0.5, task.stage + 0.5, str(task.microbatch), ha="center", va="center", color="white",
+                fontsize=8)
+    ax.set_xlim(0, sched.num_ticks)
+    ax.set_ylim(sched.num_stages, 0)
+    ax.set_xlabel("tick")
+    ax.set_ylabel("stage")
+    ax.set_yticks([s + 0.5 for s in range(sched.num_stages)], [str(s) for s in range(sched.num_stages)])
+    ax.set_title(f"{sched.name}: {sched.num_stages} stages, {sched.num_microbatches} microbatches "
+                 "(blue forward, orange backward; numbers are microbatches)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
-    spec = autoplan.models.get("gpt-small", **MODEL)
+    spec = autoplan.models.get(MODEL, **OVERRIDES)
     params, opt_state = spec.abstract_state()
-    batch = spec.abstract_batch()
-    args = (params, opt_state, batch)
+    args = (params, opt_state, spec.abstract_batch())
+    graph = trace.trace(spec.train_step, *args)
     rows = []
+    os.makedirs(RESULTS, exist_ok=True)
     for name, cluster in CLUSTERS.items():
         start = time.perf_counter()
         chosen = autoplan.plan(spec.train_step, *args, num_devices=DEVICES, cluster=cluster, schedule="1f1b")
         plan_seconds = time.perf_counter() - start
+        print(chosen.summary().split("\n\nInputs")[0], flush=True)
         flat = autoplan.plan(spec.train_step, *args, num_devices=DEVICES, cluster=cluster)
-        names = trace._argument_names(spec.train_step, 3)
-        cost = inter.GraphStageCosts(
-            lambda b: trace.trace(spec.train_step, *pl.microbatch_shapes(args, 2, b, names)), cluster)
-        cost.total_devices = DEVICES
-        units = cost.units(MICROBATCHES)
-        half = len(units) // 2
-        hand = inter.evaluate_layout(cost, [(0, half), (half, len(units))], [DEVICES // 2] * 2, MICROBATCHES,
-                                     layer_names=["+".join(u) for u in units])
+        b = chosen.microbatches if len(chosen.stages) > 1 else HAND_MICROBATCHES
+        hand, hand_priced = _hand_pipeline(spec, args, cluster, b)
         rows.append(dict(cluster=name, plan="chosen (stage DP)", stages=len(chosen.stages),
-                         microbatches=chosen.microbatches, step_ms=1e3 * chosen.cost.step_seconds,
-                         layout=" | ".join(f"{'+'.join(s.layers)}@{s.mesh.as_dict()}" for s in chosen.stages),
-                         plan_seconds=plan_seconds))
+                         microbatches=chosen.microbatches, predicted_ms=1e3 * chosen.cost.step_seconds,
+                         priced_ms=1e3 * _priced_plan(chosen, spec, args, graph), layout=_layout(chosen.stages),
+                         plan_seconds=round(plan_seconds, 1)))
         rows.append(dict(cluster=name, plan="best non-pipelined", stages=1, microbatches=1,
-                         step_ms=1e3 * flat.cost.step_seconds, layout=str(flat.mesh.as_dict()), plan_seconds=""))
-        rows.append(dict(cluster=name, plan="hand 1F1B, equal layers", stages=2, microbatches=MICROBATCHES,
-                         step_ms=1e3 * hand.step_seconds,
-                         layout=" | ".join(f"{'+'.join(s.layers)}@{s.mesh.as_dict()}" for s in hand.stages),
+                         predicted_ms=1e3 * flat.cost.step_seconds,
+                         priced_ms=1e3 * _priced_plan(flat, spec, args, graph),
+                         layout=str(flat.mesh.as_dict()), plan_seconds=""))
+        rows.append(dict(cluster=name, plan="hand 1F1B, equal layers, data parallel stages", stages=2, microbatches=b,
+                         predicted_ms=1e3 * hand.step_seconds, priced_ms=1e3 * hand_priced, layout=_layout(hand.stages),
                          plan_seconds=""))
         for alt in chosen.alternatives:
             rows.append(dict(cluster=name, plan="runner-up", stages=len(alt.stages), microbatches=alt.microbatches,
-                             step_ms=1e3 * alt.step_seconds, layout=alt.describe(), plan_seconds=""))
-        print(chosen.summary().split("\n\nInputs")[0], flush=True)
+                             predicted_ms=1e3 * alt.step_seconds, priced_ms="", layout=alt.describe(), plan_seconds=""))
         if name == "slow-link" and len(chosen.stages) > 1:
+            sched = pl.schedule("1f1b", stages=len(chosen.stages), microbatches=chosen.microbatches)
             with open(os.path.join(RESULTS, "pipeline_schedule.txt"), "w") as f:
-                f.write(str(pl.schedule("1f1b", stages=len(chosen.stages), microbatches=chosen.microbatches)) + "\n")
-    os.makedirs(RESULTS, exist_ok=True)
+                f.write(str(sched) + "\n")
+            _schedule_picture(sched, os.path.join(RESULTS, "pipeline_schedule.png"))
     with open(os.path.join(RESULTS, "pipeline.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(RESULTS, "pipeline.md"), "w") as f:
-        f.write(f"GPT {MODEL} on {DEVICES} devices, nodes of 4; hand pipeline with {MICROBATCHES} microbatches "
-                "(predicted by the cost model). Caveat: pipeline steps (chosen, hand, runner-ups) price forward + "
-                "backward per microbatch and leave out the once-per-step optimizer update; the non-pipelined "
-                "plan's step includes it.\n\n| cluster | plan | stages | B | step (ms) | layout |\n"
-                "|---|---|---|---|---|---|\n")
+        f.write(f"{MODEL} {OVERRIDES} (Adam) on {DEVICES} devices in nodes of 4. predicted: the cost model's step; "
+                "priced: the same cluster model applied to the programs XLA compiled (pipelines: packing + "
+                "ticks, each as long as its slowest stage's branch, + sends + exchange + updates). Planning "
+                "time on this machine's 2 CPU cores.\n\n"
+                "| cluster | plan | stages | B | predicted (ms) | priced from HLO (ms) | layout | planning (s) |\n"
+                "|---|---|---|---|---|---|---|---|\n")
         for r in rows:
-            f.write(f"| {r['cluster']} | {r['plan']} | {r['stages']} | {r['microbatches']} | {r['step_ms']:.3f} | "
-                    f"{r['layout']} |\n")
+            priced = f"{r['priced_ms']:.3f}" if r["priced_ms"] != "" else ""
+            f.write(f"| {r['cluster']} | {r['plan']} | {r['stages']} | {r['microbatches']} | {r['predicted_ms']:.3f} | "
+                    f"{priced} | {r['layout']} | {r['plan_seconds']} |\n")
     print(open(os.path.join(RESULTS, "pipeline.md")).read())
 
 
 if __name__ == "__main__":
-    jax.config.update("jax_num_cpu_devices", 8)
+    jax.config.update("jax_num_cpu_devices", DEVICES)
     main()

@@ -970,3 +970,62 @@ def roofline_seconds(kernel_list: Sequence[HloKernel], cluster: C.Cluster, matmu
         compute = k.matmul_flops / matmul_rate + (k.flops - k.matmul_flops) / cluster.device_flops
         total += k.repeats * max(compute, k.bytes / cluster.memory_bandwidth)
     return total
+
+
+# ----------------------------------------------------------------------------- a loop of branches
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LoopBranches:
+    """A program built around one while loop whose body switches between branches (a pipeline's tick
+    loop: `lax.switch` on the task each tick), priced by part under a cluster, per device: each
+    branch's seconds (kernels' roofline + its collectives), the rest of one iteration (the
+    point-to-point sends of every tick), and everything outside the loop."""
+
+    branch_seconds: tuple[float, ...]
+    iteration_seconds: float
+    trip_count: int
+    outside_seconds: float
+
+
+def _reachable(comps, name: str) -> set[str]:
+    found, stack = set(), [name]
+    while stack:
+        current = stack.pop()
+        if current in found or current not in comps:
+            continue
+        found.add(current)
+        for instr in comps[current]:
+            for key in ("body", "condition", "calls", "to_apply", "branch_computations", "true_computation",
+                        "false_computation"):
+                stack += _called(instr.attrs, key)
+    return found
+
+
+def loop_branches(compiled_or_text, mesh, cluster) -> LoopBranches:
+    """`LoopBranches` of a compiled program (the while loop with a conditional in its body)."""
+    text = _hlo_text(compiled_or_text)
+    mesh, cluster = C.MeshShape.from_mesh(mesh), C.get_cluster(cluster)
+    comps, entry = _computations(text)
+    rate = matmul_rate(text, cluster)
+    colls = _scan_collectives(text, mesh, None)
+    loops = [(instr, _called(instr.attrs, "body")[0]) for name in _reachable(comps, entry) for instr in comps[name]
+             if instr.opcode == "while" and any(i.opcode == "conditional" for i in comps.get(
+                 _called(instr.attrs, "body")[0], []))]
+    if len(loops) != 1:
+        raise ValueError(f"expected one while loop around a conditional, found {len(loops)}")
+    loop, body = loops[0]
+    switch = next(i for i in comps[body] if i.opcode == "conditional")
+    branches = _called(switch.attrs, "branch_computations")
+
+    def seconds(root: str, skip: frozenset, names: set[str]) -> float:
+        compute = roofline_seconds(_walk_kernels(comps, root, 1, skip), cluster, rate)
+        return compute + communication_seconds([c for c in colls if c.computation in names], mesh, cluster)
+
+    in_branches = set().union(*(_reachable(comps, b) for b in branches))
+    in_loop = set().union(*(_reachable(comps, c) for key in ("body", "condition") for c in _called(loop.attrs, key)))
+    return LoopBranches(
+        branch_seconds=tuple(seconds(b, frozenset(), _reachable(comps, b)) for b in branches),
+        iteration_seconds=seconds(body, frozenset(branches), in_loop - in_branches),
+        trip_count=loop.trip_count,
+        outside_seconds=seconds(entry, frozenset(in_loop), _reachable(comps, entry) - in_loop))

@@ -407,8 +407,9 @@ class StagedStep:
             row = None if home == GLOBAL else {d: on(jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype), PartitionSpec())
                                                for d, x in local.items()}
             name = "update/global" if home == GLOBAL else f"update/{home}"
-            out[name] = update.lower([structs[i] for i in own], [on(structs[i], structs[i].sharding.spec) for i in foreign],
-                                     row, {d: on(x, PartitionSpec()) for d, x in exchanged.items()}).compile()
+            copies = [on(structs[i], structs[i].sharding.spec) for i in foreign]
+            out[name] = update.lower([structs[i] for i in own], copies, row,
+                                     {d: on(x, PartitionSpec()) for d, x in exchanged.items()}).compile()
         return out
 
     def runtime_cost(self, *args) -> RuntimeCost:
@@ -670,6 +671,34 @@ class StagedCompiled:
     programs: dict
 
 
+def priced_step(compiled: StagedCompiled, schedule: PL.Schedule, mesh: jax.sharding.Mesh, cluster) -> dict:
+    """Seconds per device of one step of a compiled pipelined step under ``cluster``, from its HLO:
+    the packing (the slowest row), the tick loop (each tick as long as its slowest stage's branch,
+    which the schedule's task table picks, plus the sends every tick), what the pipeline program runs
+    outside the loop (the exchange), and the updates (the slowest row's, then the whole mesh's)."""
+    from autoplan._src import hlo
+
+    parts = hlo.loop_branches(compiled.programs["pipeline"], mesh, cluster)
+    kinds, virtual, _ = PL.task_tables(schedule)
+    n = schedule.num_stages * schedule.virtual
+    index = np.where(kinds == 0, 0, np.where(kinds == 1, 1 + virtual, 1 + n + virtual))
+    if len(parts.branch_seconds) != 1 + 2 * n or parts.trip_count != schedule.num_ticks:
+        raise ValueError(f"the pipeline program has {len(parts.branch_seconds)} branches and {parts.trip_count} "
+                         f"ticks; the schedule needs {1 + 2 * n} and {schedule.num_ticks}")
+    ticks = sum(max(parts.branch_seconds[i] for i in row) for row in index)
+
+    def report(name, row):
+        program = compiled.programs.get(name)
+        return 0.0 if program is None else hlo.compiled_report(
+            program, mesh if row is None else E.stage_row(mesh, row), cluster).step_seconds
+
+    rows = range(schedule.num_stages)
+    out = dict(pack=max(report(f"pack/{r}", r) for r in rows), ticks=ticks,
+               sends=schedule.num_ticks * parts.iteration_seconds, outside=parts.outside_seconds,
+               update=max(report(f"update/{r}", r) for r in rows) + report("update/global", None))
+    return out | {"step": sum(out.values())}
+
+
 def emit_staged(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True) -> StagedProgram:
     """A plan with several stages as a `StagedProgram` on ``mesh``."""
     staged = staged_step(plan, fun, mesh, donate=donate)
@@ -679,9 +708,8 @@ def emit_staged(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *,
     runs = [None if home is None or home < 0 else home for home in staged.homes(*args).leaves]
     planned = [leaf.stage for leaf in plan.inputs]
     if any(p is not None for p in planned) and planned != runs:
-        leaf = next(leaf for leaf, r in zip(plan.inputs, runs) if leaf.stage != r)
-        raise E.PlanMismatchError(
-            f"plan {plan.name!r} keeps {leaf.path!r} on stage {leaf.stage} but this step's pipeline reads it on "
-            f"{'every stage' if runs[plan.inputs.index(leaf)] is None else 'stage ' + str(runs[plan.inputs.index(leaf)])}"
-            "; re-plan this step")
+        i = next(i for i, (p, r) in enumerate(zip(planned, runs)) if p != r)
+        where = "every stage" if runs[i] is None else f"stage {runs[i]}"
+        raise E.PlanMismatchError(f"plan {plan.name!r} keeps {plan.inputs[i].path!r} on stage {planned[i]} but this "
+                                  f"step's pipeline reads it on {where}; re-plan this step")
     return StagedProgram(plan=plan, mesh=mesh, graph=graph, staged=staged, in_shardings=staged.in_shardings(*args))
