@@ -78,7 +78,8 @@ def _hand_pipeline(spec, args, cluster, microbatches: int):
     cost.total_devices = DEVICES
     units = cost.units(microbatches)
     bounds = pl.even_bounds(len(units), 2)
-    predicted = inter.evaluate_layout(cost, bounds, [DEVICES // 2] * 2, microbatches,
+    data_parallel = lambda i, j, d, b: [o for o in cost(i, j, d, b) if o.mesh.axis_size("model") == 1]  # noqa: E731
+    predicted = inter.evaluate_layout(data_parallel, bounds, [DEVICES // 2] * 2, microbatches,
                                       layer_names=["+".join(u) for u in units])
     mesh = _mesh({"stage": 2, "data": DEVICES // 2})
     sched = pl.schedule("1f1b", stages=2, microbatches=microbatches)
@@ -86,7 +87,7 @@ def _hand_pipeline(spec, args, cluster, microbatches: int):
     batch = set(range(len(graph.input_ops) - len(jax.tree_util.tree_leaves(args[2])), len(graph.input_ops)))
     in_specs = [jax.sharding.PartitionSpec("data") if i in batch else jax.sharding.PartitionSpec()
                 for i in range(len(graph.input_ops))]
-    staged = staging.StagedStep(spec.train_step, sched, mesh, bounds, in_specs=in_specs)
+    staged = staging.StagedStep(spec.train_step, sched, mesh, bounds, in_specs=in_specs, data_axes=("data",))
     compiled = staging.StagedCompiled(programs=staged.compile(*args))
     return predicted, staging.priced_step(compiled, sched, mesh, cluster)["step"]
 

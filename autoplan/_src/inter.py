@@ -574,12 +574,32 @@ def _runtime_cost(choice: PipelineChoice, cost: GraphStageCosts, splits: dict):
     if len(choice.stages) == 1:
         return None
     b = choice.microbatches
-    if b not in splits:
-        graph = cost._graph(b)[0]
-        splits[b] = PL.split_at_gradients(graph, PL._batch_leaves(graph, cost.batch_prefix))
+    # The runtime runs each stage data parallel over the axes its plan splits the batch over: every
+    # replica runs its share of each microbatch, which is what it sends and stashes.
+    replicas = math.prod(choice.stages[0].mesh.axis_size(axis) for axis in _stage_data_axes(choice, cost))
+    if b * replicas not in splits:
+        graph = cost._graph(b * replicas)[0]
+        splits[b * replicas] = PL.split_at_gradients(graph, PL._batch_leaves(graph, cost.batch_prefix))
     sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=b)
-    cut = staging.cut_for_schedule(splits[b], sched, staging.plan_bounds(choice.stages, choice.schedule))
+    cut = staging.cut_for_schedule(splits[b * replicas], sched, staging.plan_bounds(choice.stages, choice.schedule))
     return staging.runtime_cost(cut, sched)
+
+
+def _stage_batch_leaves(choice: PipelineChoice, cost: GraphStageCosts) -> list:
+    """The batch leaves' layouts in the first stage's plan (at microbatch size)."""
+    first = choice.stages[0]
+    option = next(o for o in cost(first.start, first.end, first.devices, choice.microbatches) if o.mesh == first.mesh)
+    return [leaf for leaf in option.detail.inputs if leaf.path.startswith(cost.batch_prefix)]
+
+
+def _stage_data_axes(choice: PipelineChoice, cost: GraphStageCosts) -> tuple[str, ...]:
+    from autoplan._src import staging
+
+    leaves = _stage_batch_leaves(choice, cost)
+    if not leaves:
+        return ()
+    return staging.data_axes(leaves[0], choice.microbatches, choice.stages[0].mesh.as_dict(),
+                             examples=leaves[0].shape[0] * choice.microbatches)
 
 
 def _pipeline_mesh(choice: PipelineChoice) -> C.MeshShape:
@@ -625,7 +645,10 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
         memory = max(o.weight_bytes for o in options) + runtime.packed_bytes \
             + max(o.activation_bytes for o in options) + runtime.stash_bytes
         sent = runtime.p2p_bytes + C.collective_bytes("all-reduce", runtime.exchanged_bytes, len(choice.stages))
-        base = dataclasses.replace(base, inputs=_with_homes(base.inputs, runtime.leaf_homes),
+        # The batch is split as the stages' plans split it (the runtime's data-parallel axes follow it).
+        batch_specs = {leaf.path: leaf.spec for leaf in _stage_batch_leaves(choice, cost)}
+        inputs = tuple(dataclasses.replace(leaf, spec=batch_specs.get(leaf.path, leaf.spec)) for leaf in base.inputs)
+        base = dataclasses.replace(base, inputs=_with_homes(inputs, runtime.leaf_homes),
                                    outputs=_with_homes(base.outputs, runtime.output_homes))
     pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
                            communication_seconds=step * comm_share,

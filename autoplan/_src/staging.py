@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -321,6 +321,10 @@ class StagedStep:
     ``bounds`` are the layer ranges (of `inter.layer_units`) of the ``S * v`` virtual stages in order;
     virtual stage ``c * S + s`` runs on stage row ``s``.  ``in_specs`` / ``out_specs`` are the
     PartitionSpecs of the step's input and output leaves inside a stage (default: replicated).
+    ``data_axes`` are data parallel inside every stage, as in Megatron: each replica runs its own
+    share of each microbatch (the batch's leading axis split over them) with the stage's whole
+    parameters, and the gradient sums are averaged over the replicas once per step, after the ticks;
+    the other axes are left to XLA.
 
     State lives where `homes` says: a stage row's parameters and optimizer state on that row's devices
     only.  A call (1) packs each row's parameters into one flat buffer per dtype on that row, (2) runs
@@ -331,14 +335,22 @@ class StagedStep:
 
     def __init__(self, step: Callable, schedule: PL.Schedule, mesh: jax.sharding.Mesh,
                  bounds: Sequence[tuple[int, int]] | None = None, batch_argnum: int = -1, *,
-                 in_specs: Sequence | None = None, out_specs: Sequence | None = None, donate: bool = False):
+                 in_specs: Sequence | None = None, out_specs: Sequence | None = None, donate: bool = False,
+                 data_axes: Sequence[str] = ()):
         if mesh.shape.get("stage") != schedule.num_stages:
             raise ValueError(f"the pipeline needs a 'stage' mesh axis of size {schedule.num_stages}; "
                              f"mesh has {dict(mesh.shape)}")
+        missing = [axis for axis in data_axes if axis not in mesh.shape or axis == "stage"]
+        if missing:
+            raise ValueError(f"data-parallel axis {missing[0]!r} is not a non-stage axis of the mesh "
+                             f"{dict(mesh.shape)}")
         self.schedule, self.mesh, self.bounds = schedule, mesh, bounds
         self.in_specs, self.out_specs, self.donate = in_specs, out_specs, donate
+        self.data_axes = tuple(data_axes)
         self.rows = [E.stage_row(mesh, r) for r in range(schedule.num_stages)]
-        self.accumulated = PL.Accumulated(step, schedule.num_microbatches, batch_argnum)
+        # Each data-parallel replica of a stage runs its own share of every microbatch: trace that share.
+        replicas = math.prod(mesh.shape[axis] for axis in self.data_axes)
+        self.accumulated = PL.Accumulated(step, schedule.num_microbatches * replicas, batch_argnum)
         self._programs: dict[int, _Programs] = {}
 
     def cut(self, *args) -> StageCut:
@@ -528,17 +540,22 @@ class StagedStep:
 
             return [idle] + [forward(vs) for vs in range(n)] + [backward(vs) for vs in range(n)]
 
+        data = self.data_axes
+
+        def average(x):  # over the data-parallel replicas of a stage: each ran its own share of the examples
+            return jax.lax.pmean(x, data) if data else x
+
         def body(packed, shared_values, batch):
             shared = dict(zip([leaf_tensor[i] for i in homes_.shared], shared_values))
             row = {dtype: x[0] for dtype, x in packed.items()}
             kept, summed = PL.run_ticks(sched, branches(shared), row, batch, acts.zeros(), cots.zeros(),
                                         (local.zeros(), exchanged.zeros()))
-            total = {dtype: jax.lax.psum(x.sum(0), "stage") for dtype, x in summed.items()}
-            return {dtype: x[None] for dtype, x in kept.items()}, total
+            total = {dtype: average(jax.lax.psum(x.sum(0), "stage")) for dtype, x in summed.items()}
+            return {dtype: average(x)[None] for dtype, x in kept.items()}, total
 
         spec = PartitionSpec
-        shard = jax.shard_map(body, mesh=self.mesh, in_specs=(spec("stage"), spec(), spec()),
-                              out_specs=(spec("stage"), spec()), axis_names={"stage"}, check_vma=False)
+        shard = jax.shard_map(body, mesh=self.mesh, in_specs=(spec("stage"), spec(), spec(data or None)),
+                              out_specs=(spec("stage"), spec()), axis_names={"stage", *data}, check_vma=False)
         return jax.jit(
             shard, in_shardings=({dtype: NamedSharding(self.mesh, spec("stage")) for dtype in layouts.params.lengths},
                                  [in_shardings[i] for i in homes_.shared],
@@ -625,12 +642,30 @@ def plan_bounds(stages, schedule: str) -> list[tuple[int, int]] | None:
     return [(stage.start, stage.end) for stage in stages]
 
 
-def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh, *, donate: bool = False) -> StagedStep:
-    """``fun`` pipelined as ``plan`` says (its stages, schedule, microbatches and leaf specs) on ``mesh``."""
+def data_axes(batch_leaf, microbatches: int, mesh_sizes: Mapping[str, int], examples: int | None = None) -> tuple:
+    """The axes a pipeline's stages run data parallel over: those ``batch_leaf`` (a `plan.LeafSharding`)
+    splits its examples over, when each replica gets an equal share of every microbatch (of the
+    ``examples``, default the leaf's leading dim); else none.
+
+    >>> from autoplan._src.plan import LeafSharding
+    >>> leaf = LeafSharding(path="batch/x", shape=(16, 8), dtype="float32", spec=(("data",), ()))
+    >>> data_axes(leaf, 4, {"stage": 2, "data": 4}), data_axes(leaf, 8, {"stage": 2, "data": 4})
+    (('data',), ())
+    """
+    axes = tuple(batch_leaf.spec[0]) if batch_leaf.spec else ()
+    examples = batch_leaf.shape[0] if examples is None else examples
+    replicas = math.prod(mesh_sizes[axis] for axis in axes)
+    return axes if axes and examples % (microbatches * replicas) == 0 else ()
+
+
+def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh, batch_leaf: int, *, donate: bool = False) -> StagedStep:
+    """``fun`` pipelined as ``plan`` says (its stages, schedule, microbatches and leaf specs) on ``mesh``,
+    its stages data parallel over the axes that split the batch (input leaf ``batch_leaf``)."""
     sched = PL.schedule(plan.schedule, stages=len(plan.stages), microbatches=plan.microbatches)
     return StagedStep(fun, sched, mesh, plan_bounds(plan.stages, plan.schedule),
                       in_specs=[leaf.partition_spec for leaf in plan.inputs],
-                      out_specs=[leaf.partition_spec for leaf in plan.outputs], donate=donate)
+                      out_specs=[leaf.partition_spec for leaf in plan.outputs], donate=donate,
+                      data_axes=data_axes(plan.inputs[batch_leaf], plan.microbatches, dict(mesh.shape)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -701,7 +736,10 @@ def priced_step(compiled: StagedCompiled, schedule: PL.Schedule, mesh: jax.shard
 
 def emit_staged(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True) -> StagedProgram:
     """A plan with several stages as a `StagedProgram` on ``mesh``."""
-    staged = staged_step(plan, fun, mesh, donate=donate)
+    from autoplan._src import trace as T
+
+    names = T._argument_names(fun, len(graph.input_tree.children()))
+    staged = staged_step(plan, fun, mesh, PL._batch_leaves(graph, names[-1])[0], donate=donate)
     structs = [jax.ShapeDtypeStruct(graph.tensors[graph.ops[o].outputs[0]].shape,
                                     graph.tensors[graph.ops[o].outputs[0]].dtype) for o in graph.input_ops]
     args = jax.tree_util.tree_unflatten(graph.input_tree, structs)
