@@ -171,6 +171,12 @@ def test_plan_with_pinned_pipeline(tmp_path):
     assert plan.bubble_fraction == pytest.approx(1 - 2 * sum(t) / (2 * plan.cost.step_seconds))
     text = plan.summary()
     assert "pipeline: 2 stage(s), schedule 1f1b, 2 microbatches, bubble" in text and "stage 1: layers" in text
+    # Each stage row keeps its own weights and Adam moments; only Adam's step count is on every row.
+    assert [leaf.stage for leaf in plan.inputs if leaf.path.startswith("params/block0/")] == [0] * 12
+    assert {leaf.stage for leaf in plan.inputs if leaf.path.startswith("params/ln_f/")} == {1}
+    assert [leaf.path for leaf in plan.inputs if leaf.stage is None and leaf.path.startswith("opt_state")] == \
+        [leaf.path for leaf in plan.inputs if leaf.path.endswith("count")]
+    assert "state kept per stage row (parameters, optimizer state): stage 0 " in text
     plan.save(str(tmp_path / "plan.json"))
     loaded = autoplan.load_plan(str(tmp_path / "plan.json"))
     assert loaded == plan and loaded.stages == plan.stages and loaded.microbatches == 2

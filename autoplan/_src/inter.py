@@ -562,7 +562,7 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=schedule,
                           memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
                           layer_names=["+".join(u) for u in units])
-    choice, runtime = _with_runtime_traffic(choice, cost)
+    choice, runtime = _with_runtime_cost(choice, cost)
     return _pipeline_plan(choice, runtime, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
 
 
@@ -607,7 +607,7 @@ def _pipeline_mesh(choice: PipelineChoice) -> C.MeshShape:
     return C.MeshShape(axis_names=("stage", *inner.axis_names), axis_sizes=(len(choice.stages), *inner.axis_sizes))
 
 
-def _with_runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts):
+def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
     """The DP's choice and alternatives with what the stage costs leave out: the all-reduce over the
     stage axis of the gradients another stage's update reads (`staging.homes`: none when every stage
     updates its own state; all of them under global-norm clipping).  Re-ranked; the best is returned
@@ -622,8 +622,8 @@ def _with_runtime_traffic(choice: PipelineChoice, cost: GraphStageCosts):
                                             cost.cluster)
         priced.append((dataclasses.replace(c, step_seconds=seconds), runtime))
     priced.sort(key=lambda pair: pair[0].step_seconds)
-    best, traffic = priced[0]
-    return dataclasses.replace(best, alternatives=tuple(c for c, _ in priced[1:])), traffic
+    best, runtime = priced[0]
+    return dataclasses.replace(best, alternatives=tuple(c for c, _ in priced[1:])), runtime
 
 
 def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,

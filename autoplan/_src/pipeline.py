@@ -889,9 +889,9 @@ def gpt_layers(spec) -> list[Layer]:
 
 
 def emit_accumulated(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True):
-    """A plan with microbatches as a runnable program under ``jax.jit`` with the plan's input and output
-    shardings (XLA places the intermediates; anchors are not pinned): `accumulate` for one stage, the
-    pipeline of `autoplan._src.staging` for several.
+    """A plan with microbatches as a runnable program: for one stage `accumulate` under ``jax.jit`` with
+    the plan's input and output shardings (XLA places the intermediates; anchors are not pinned); for
+    several the pipeline of `autoplan._src.staging` (a `staging.StagedProgram`).
     """
     from autoplan._src import emit as E
     from autoplan._src import staging

@@ -370,6 +370,14 @@ def _pipeline_lines(plan: Plan) -> list[str]:
         lines.append(f"    stage {k}: layers {s.start}..{s.end - 1} ({', '.join(s.layers)}) on {s.devices} devices "
                      f"({mesh}): {_ms(s.seconds)} per microbatch, {_bytes(s.memory_bytes)} with {s.in_flight} "
                      "microbatches in flight")
+    owned = [leaf for leaf in plan.inputs if leaf.stage is not None]
+    if owned:
+        rows = ", ".join(f"stage {k} {_bytes(sum(leaf.nbytes for leaf in owned if leaf.stage == k))}"
+                         for k in range(len(plan.stages)))
+        batch = plan.inputs[-1].path.split("/")[0]  # the last argument: the batch, split by examples
+        shared = [leaf.path for leaf in plan.inputs if leaf.stage is None and leaf.path.split("/")[0] != batch]
+        lines.append(f"    state kept per stage row (parameters, optimizer state): {rows}; on every row: "
+                     f"{', '.join(shared[:4]) + (' ...' if len(shared) > 4 else '') if shared else 'nothing'}")
     for alt in plan.alternatives[:5]:
         lines.append(f"    runner-up: {alt.describe()}")
     return lines

@@ -447,7 +447,7 @@ class StagedStep:
             packs.append(jax.jit(self._packer(cut, layouts.params, reads, list(chunks)),
                                  out_shardings=NamedSharding(self.rows[r], PartitionSpec())))
             packed_leaves.append(reads)
-        update = {home: self._updater(cut, homes_, layouts, home, meshes[home], out_shardings)
+        update = {home: self._updater(cut, homes_, layouts, home, out_shardings)
                   for home in homes_.update_ops}
         return _Programs(cut=cut, homes=homes_, in_shardings=in_shardings, out_shardings=out_shardings,
                          pack=tuple(packs), pipeline=self._pipeline(cut, homes_, layouts, in_shardings),
@@ -463,14 +463,13 @@ class StagedStep:
             return {dtype: jnp.stack([p[dtype] for p in per_chunk])[None] for dtype in layout.lengths}
         return pack
 
-    def _updater(self, cut: StageCut, homes_: Homes, layouts: _Layouts, home: int, mesh, out_shardings):
+    def _updater(self, cut: StageCut, homes_: Homes, layouts: _Layouts, home: int, out_shardings):
         graph, split, sched = cut.split.graph, cut.split, self.schedule
         shapes = {t.id: t.shape for t in graph.tensors}
         leaf_tensor = [graph.ops[o].outputs[0] for o in graph.input_ops]
         mine = [o for o, h in enumerate(homes_.outputs) if h == home]
         chunks = [] if home == GLOBAL else list(range(home, cut.num_stages, sched.num_stages))
         b = sched.num_microbatches
-
         own, foreign = _own_and_foreign(homes_, home)
 
         def update(own_values, foreign_values, row, exchanged):
