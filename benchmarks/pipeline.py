@@ -42,7 +42,7 @@ CLUSTERS = {
                                    intra_node_bandwidth=300e9, inter_node_bandwidth=300e9, latency=10e-6),
 }
 MODEL = "gpt-small"
-OVERRIDES = dict(layers=4, hidden=256, heads=4, seq_len=128, vocab_size=8192, batch=8)
+OVERRIDES = dict(layers=4, hidden=256, heads=4, seq_len=128, vocab_size=8192, batch=16)
 DEVICES = 8
 HAND_MICROBATCHES = 4
 
@@ -110,11 +110,17 @@ def _schedule_picture(sched, path: str) -> None:
     ax.set_xlabel("tick")
     ax.set_ylabel("stage")
     ax.set_yticks([s + 0.5 for s in range(sched.num_stages)], [str(s) for s in range(sched.num_stages)])
-    ax.set_title(f"{sched.name}: {sched.num_stages} stages, {sched.num_microbatches} microbatches "
-                 "(blue forward, orange backward; numbers are microbatches)")
+    ax.set_title(f"{sched.name}: {sched.num_stages} stages, {sched.num_microbatches} microbatches\n"
+                 "blue forward, orange backward; numbers are microbatches", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _write_schedule(sched) -> None:
+    with open(os.path.join(RESULTS, "pipeline_schedule.txt"), "w") as f:
+        f.write(str(sched) + "\n")
+    _schedule_picture(sched, os.path.join(RESULTS, "pipeline_schedule.png"))
 
 
 def main() -> None:
@@ -146,11 +152,9 @@ def main() -> None:
         for alt in chosen.alternatives:
             rows.append(dict(cluster=name, plan="runner-up", stages=len(alt.stages), microbatches=alt.microbatches,
                              predicted_ms=1e3 * alt.step_seconds, priced_ms="", layout=alt.describe(), plan_seconds=""))
-        if name == "slow-link" and len(chosen.stages) > 1:
-            sched = pl.schedule("1f1b", stages=len(chosen.stages), microbatches=chosen.microbatches)
-            with open(os.path.join(RESULTS, "pipeline_schedule.txt"), "w") as f:
-                f.write(str(sched) + "\n")
-            _schedule_picture(sched, os.path.join(RESULTS, "pipeline_schedule.png"))
+        if name == "slow-link":  # the chosen pipeline's schedule, or the hand pipeline's if none is chosen
+            _write_schedule(pl.schedule("1f1b", stages=len(chosen.stages), microbatches=chosen.microbatches)
+                            if len(chosen.stages) > 1 else pl.schedule("1f1b", stages=2, microbatches=b))
     with open(os.path.join(RESULTS, "pipeline.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

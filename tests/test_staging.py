@@ -207,6 +207,12 @@ def test_staged_step_bad_input():
     with pytest.raises(ValueError, match="'stage' mesh axis of size 2"):
         staging.StagedStep(spec.train_step, pl.schedule("gpipe", stages=2, microbatches=2),
                            jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2))
+    with pytest.raises(pl.MicrobatchError, match="8 examples does not split into 4 microbatches x 4 data-parallel"):
+        staging.StagedStep(spec.train_step, pl.schedule("gpipe", stages=2, microbatches=4), _mesh(2),
+                           data_axes=("data",)).cut(params, opt_state, batch)
+    with pytest.raises(ValueError, match="data-parallel axis 'model' is not a non-stage axis"):
+        staging.StagedStep(spec.train_step, pl.schedule("gpipe", stages=2, microbatches=4), _mesh(2),
+                           data_axes=("model",))
     with pytest.raises(pl.MicrobatchError, match="'batch/tokens' has 8 examples, which do not split into 3"):
         staging.StagedStep(spec.train_step, pl.schedule("gpipe", stages=2, microbatches=3),
                            _mesh(2)).cut(params, opt_state, batch)

@@ -360,6 +360,13 @@ class StagedStep:
         return self.programs(*args).homes
 
     def programs(self, *args) -> _Programs:
+        replicas = self.accumulated.microbatches // self.schedule.num_microbatches
+        for leaf in jax.tree_util.tree_leaves(args[self.accumulated.batch_argnum]):
+            if replicas > 1 and leaf.shape and leaf.shape[0] % self.accumulated.microbatches:
+                raise PL.MicrobatchError(
+                    f"a batch of {leaf.shape[0]} examples does not split into {self.schedule.num_microbatches} "
+                    f"microbatches x {replicas} data-parallel replicas ({self.data_axes}) of a stage; use a batch "
+                    f"that {self.accumulated.microbatches} divides, fewer microbatches, or no data axes")
         split = self.accumulated.split(*args)
         if id(split) not in self._programs:
             self._programs[id(split)] = self._build(cut_for_schedule(split, self.schedule, self.bounds))
