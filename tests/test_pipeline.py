@@ -113,6 +113,26 @@ def test_accumulation_equals_full_batch_gpt_tiny():
     assert abs(float(spec.loss(params, first)) - float(ref[2][0])) > 1e-4
 
 
+def test_data_parallel_accumulation_equals_full_batch_and_reduces_once_per_step():
+    """DDP-style accumulation: each of 8 replicas loops over its share of 2 microbatches; numerics equal
+    jax.jit's and the compiled program reduces the gradients (and the loss) once per step, where plain
+    accumulation under jax.jit all-reduces them in every loop iteration."""
+    from autoplan._src import hlo
+
+    spec = _gpt(batch=16)
+    params, opt_state = spec.init(jax.random.key(0))
+    batches = [spec.make_batch(jax.random.key(i)) for i in range(3)]
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    accumulated = pl.Accumulated(spec.train_step, 2, -1, mesh=mesh, data_axes=("data",))
+    ref = _run(jax.jit(spec.train_step), params, opt_state, batches)
+    acc = _run(jax.jit(accumulated), params, opt_state, batches)
+    np.testing.assert_allclose(np.asarray(acc[2]), np.asarray(ref[2]), rtol=2e-6)
+    _assert_same(acc[0], ref[0], rtol=1e-5, atol=1e-6)
+    collectives = hlo.collectives(jax.jit(accumulated).lower(params, opt_state, batches[0]).compile(), mesh)
+    assert {(c.kind, c.axes, c.repeats) for c in collectives} == {("all-reduce", ("data",), 1)}
+    assert sum(c.nbytes for c in collectives) == 4 * (sum(x.size for x in jax.tree_util.tree_leaves(params)) + 1)
+
+
 def test_accumulation_splits_one_scan_over_microbatches():
     spec = _gpt()
     params, opt_state = spec.init(jax.random.key(0))

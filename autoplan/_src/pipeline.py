@@ -477,14 +477,22 @@ class Accumulated:
     """``step`` run over microbatches: gradients and loss averaged, the optimizer applied once.
 
     Built by `accumulate`; call it like the step (inside or outside ``jax.jit``).
-    The split is traced once per argument signature.
+    The split is traced once per argument signature.  With ``data_axes`` (of
+    ``mesh``) the microbatch loop runs data parallel, as DDP does: manual over
+    those axes, each replica loops over its share of the batch, and the sums
+    are averaged over the replicas once, after the loop (left to XLA, the
+    loop's carried gradients are all-reduced every microbatch).
     """
 
-    def __init__(self, step: Callable, microbatches: int, batch_argnum: int):
+    def __init__(self, step: Callable, microbatches: int, batch_argnum: int, *,
+                 mesh: jax.sharding.Mesh | None = None, data_axes: Sequence[str] = ()):
         self.step, self.microbatches, self.batch_argnum = step, microbatches, batch_argnum
+        self.mesh, self.data_axes = mesh, tuple(data_axes)
+        self.replicas = math.prod(mesh.shape[axis] for axis in self.data_axes) if self.data_axes else 1
         self._splits: dict[Any, GradientSplit] = {}
 
     def split(self, *args) -> GradientSplit:
+        """The step cut at its gradients, traced at one replica's share of a microbatch."""
         from autoplan._src import trace as T
 
         batch_argnum = self.batch_argnum % len(args)
@@ -492,7 +500,7 @@ class Accumulated:
                                                          for x in jax.tree_util.tree_leaves(args))
         if key not in self._splits:
             names = T._argument_names(self.step, len(args))
-            micro = microbatch_shapes(args, batch_argnum, self.microbatches, names)
+            micro = microbatch_shapes(args, batch_argnum, self.microbatches * self.replicas, names)
             full = T.trace(self.step, *[jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a)
                                         for a in args])
             batch = _batch_leaves(full, names[batch_argnum])
@@ -503,22 +511,37 @@ class Accumulated:
 
     def __call__(self, *args):
         split = self.split(*args)
-        graph, b = split.graph, self.microbatches
+        graph = split.graph
         leaves = jax.tree_util.tree_leaves(args)
         batch = set(split.batch_inputs)
-        fixed = {graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in enumerate(leaves) if i not in batch}
-        stacked = [jnp.reshape(leaves[i], (b, leaves[i].shape[0] // b, *leaves[i].shape[1:]))
-                   for i in split.batch_inputs]
+        fixed = [i for i in range(len(leaves)) if i not in batch]
+        sums = self._loop(split, fixed)
+        if self.data_axes:
+            spec = jax.sharding.PartitionSpec
+            sums = jax.shard_map(sums, mesh=self.mesh, in_specs=(spec(), spec(self.data_axes)), out_specs=spec(),
+                                 axis_names=set(self.data_axes), check_vma=False)
+        total = sums([leaves[i] for i in fixed], [leaves[i] for i in split.batch_inputs])
+        return run_update(split, leaves, {t: acc / self.microbatches for t, acc in zip(split.cut, total)})
 
-        def one(total, micro):
-            env = dict(fixed)
-            env.update({graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in zip(split.batch_inputs, micro)})
-            env = evaluate_ops(graph, split.items, split.gradient_ops, env)
-            return [acc + env[t].astype(acc.dtype) for acc, t in zip(total, split.cut)], None
+    def _loop(self, split: GradientSplit, fixed: Sequence[int]) -> Callable:
+        """``(fixed leaves, batch leaves) -> sums of the cut values over the microbatches`` (averaged over
+        the data-parallel replicas)."""
+        graph, b = split.graph, self.microbatches
 
-        zeros = [jnp.zeros(graph.tensors[t].shape, graph.tensors[t].dtype) for t in split.cut]
-        total, _ = jax.lax.scan(one, zeros, stacked)
-        return run_update(split, leaves, {t: acc / b for t, acc in zip(split.cut, total)})
+        def sums(fixed_values, batch_values):
+            env_fixed = {graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in zip(fixed, fixed_values)}
+            stacked = [jnp.reshape(x, (b, x.shape[0] // b, *x.shape[1:])) for x in batch_values]
+
+            def one(total, micro):
+                env = dict(env_fixed)
+                env.update({graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in zip(split.batch_inputs, micro)})
+                env = evaluate_ops(graph, split.items, split.gradient_ops, env)
+                return [acc + env[t].astype(acc.dtype) for acc, t in zip(total, split.cut)], None
+
+            zeros = [jnp.zeros(graph.tensors[t].shape, graph.tensors[t].dtype) for t in split.cut]
+            total, _ = jax.lax.scan(one, zeros, stacked)
+            return [jax.lax.pmean(x, self.data_axes) for x in total] if self.data_axes else total
+        return sums
 
 
 def run_update(split: GradientSplit, leaves: Sequence[Any], averaged: dict):
@@ -898,7 +921,12 @@ def emit_accumulated(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mes
 
     if len(plan.stages) > 1:
         return staging.emit_staged(plan, fun, graph, mesh, donate=donate)
-    run = accumulate(fun, microbatches=plan.microbatches)
+    from autoplan._src import trace as T
+
+    names = T._argument_names(fun, len(graph.input_tree.children()))
+    batch_leaf = plan.inputs[_batch_leaves(graph, names[-1])[0]]
+    run = Accumulated(fun, plan.microbatches, -1, mesh=mesh,
+                      data_axes=staging.data_axes(batch_leaf, plan.microbatches, dict(mesh.shape)))
     in_shardings = jax.tree_util.tree_unflatten(graph.input_tree, E.leaf_shardings(plan.inputs, mesh))
     out_shardings = jax.tree_util.tree_unflatten(graph.output_tree, E.leaf_shardings(plan.outputs, mesh))
     donate_argnums = E._donated_arguments(graph) if donate else ()
