@@ -500,6 +500,12 @@ class Accumulated:
                                                          for x in jax.tree_util.tree_leaves(args))
         if key not in self._splits:
             names = T._argument_names(self.step, len(args))
+            for leaf in jax.tree_util.tree_leaves(args[batch_argnum]):
+                if self.replicas > 1 and leaf.shape and leaf.shape[0] % (self.microbatches * self.replicas):
+                    raise MicrobatchError(
+                        f"a batch of {leaf.shape[0]} examples does not split into {self.microbatches} microbatches "
+                        f"x {self.replicas} data-parallel replicas ({self.data_axes}); use a batch that "
+                        f"{self.microbatches * self.replicas} divides, fewer microbatches, or no data axes")
             micro = microbatch_shapes(args, batch_argnum, self.microbatches * self.replicas, names)
             full = T.trace(self.step, *[jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a)
                                         for a in args])
@@ -921,12 +927,7 @@ def emit_accumulated(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mes
 
     if len(plan.stages) > 1:
         return staging.emit_staged(plan, fun, graph, mesh, donate=donate)
-    from autoplan._src import trace as T
-
-    names = T._argument_names(fun, len(graph.input_tree.children()))
-    batch_leaf = plan.inputs[_batch_leaves(graph, names[-1])[0]]
-    run = Accumulated(fun, plan.microbatches, -1, mesh=mesh,
-                      data_axes=staging.data_axes(batch_leaf, plan.microbatches, dict(mesh.shape)))
+    run = Accumulated(fun, plan.microbatches, -1, mesh=mesh, data_axes=staging.plan_data_axes(plan, fun, graph, mesh))
     in_shardings = jax.tree_util.tree_unflatten(graph.input_tree, E.leaf_shardings(plan.inputs, mesh))
     out_shardings = jax.tree_util.tree_unflatten(graph.output_tree, E.leaf_shardings(plan.outputs, mesh))
     donate_argnums = E._donated_arguments(graph) if donate else ()

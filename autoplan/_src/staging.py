@@ -348,9 +348,9 @@ class StagedStep:
         self.in_specs, self.out_specs, self.donate = in_specs, out_specs, donate
         self.data_axes = tuple(data_axes)
         self.rows = [E.stage_row(mesh, r) for r in range(schedule.num_stages)]
-        # Each data-parallel replica of a stage runs its own share of every microbatch: trace that share.
-        replicas = math.prod(mesh.shape[axis] for axis in self.data_axes)
-        self.accumulated = PL.Accumulated(step, schedule.num_microbatches * replicas, batch_argnum)
+        # Only its split is used (traced at one data-parallel replica's share of a microbatch).
+        self.accumulated = PL.Accumulated(step, schedule.num_microbatches, batch_argnum, mesh=mesh,
+                                          data_axes=self.data_axes)
         self._programs: dict[int, _Programs] = {}
 
     def cut(self, *args) -> StageCut:
@@ -360,13 +360,6 @@ class StagedStep:
         return self.programs(*args).homes
 
     def programs(self, *args) -> _Programs:
-        replicas = self.accumulated.microbatches // self.schedule.num_microbatches
-        for leaf in jax.tree_util.tree_leaves(args[self.accumulated.batch_argnum]):
-            if replicas > 1 and leaf.shape and leaf.shape[0] % self.accumulated.microbatches:
-                raise PL.MicrobatchError(
-                    f"a batch of {leaf.shape[0]} examples does not split into {self.schedule.num_microbatches} "
-                    f"microbatches x {replicas} data-parallel replicas ({self.data_axes}) of a stage; use a batch "
-                    f"that {self.accumulated.microbatches} divides, fewer microbatches, or no data axes")
         split = self.accumulated.split(*args)
         if id(split) not in self._programs:
             self._programs[id(split)] = self._build(cut_for_schedule(split, self.schedule, self.bounds))
@@ -664,14 +657,23 @@ def data_axes(batch_leaf, microbatches: int, mesh_sizes: Mapping[str, int], exam
     return axes if axes and examples % (microbatches * replicas) == 0 else ()
 
 
-def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh, batch_leaf: int, *, donate: bool = False) -> StagedStep:
+def plan_data_axes(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh) -> tuple:
+    """`data_axes` of ``plan``'s batch (the last argument of ``fun``, traced as ``graph``) on ``mesh``."""
+    from autoplan._src import trace as T
+
+    names = T._argument_names(fun, len(graph.input_tree.children()))
+    batch_leaf = plan.inputs[PL._batch_leaves(graph, names[-1])[0]]
+    return data_axes(batch_leaf, plan.microbatches, dict(mesh.shape))
+
+
+def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh, data_axes: Sequence[str] = (), *,
+                donate: bool = False) -> StagedStep:
     """``fun`` pipelined as ``plan`` says (its stages, schedule, microbatches and leaf specs) on ``mesh``,
-    its stages data parallel over the axes that split the batch (input leaf ``batch_leaf``)."""
+    its stages data parallel over ``data_axes``."""
     sched = PL.schedule(plan.schedule, stages=len(plan.stages), microbatches=plan.microbatches)
     return StagedStep(fun, sched, mesh, plan_bounds(plan.stages, plan.schedule),
                       in_specs=[leaf.partition_spec for leaf in plan.inputs],
-                      out_specs=[leaf.partition_spec for leaf in plan.outputs], donate=donate,
-                      data_axes=data_axes(plan.inputs[batch_leaf], plan.microbatches, dict(mesh.shape)))
+                      out_specs=[leaf.partition_spec for leaf in plan.outputs], donate=donate, data_axes=data_axes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -742,10 +744,7 @@ def priced_step(compiled: StagedCompiled, schedule: PL.Schedule, mesh: jax.shard
 
 def emit_staged(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True) -> StagedProgram:
     """A plan with several stages as a `StagedProgram` on ``mesh``."""
-    from autoplan._src import trace as T
-
-    names = T._argument_names(fun, len(graph.input_tree.children()))
-    staged = staged_step(plan, fun, mesh, PL._batch_leaves(graph, names[-1])[0], donate=donate)
+    staged = staged_step(plan, fun, mesh, plan_data_axes(plan, fun, graph, mesh), donate=donate)
     structs = [jax.ShapeDtypeStruct(graph.tensors[graph.ops[o].outputs[0]].shape,
                                     graph.tensors[graph.ops[o].outputs[0]].dtype) for o in graph.input_ops]
     args = jax.tree_util.tree_unflatten(graph.input_tree, structs)
