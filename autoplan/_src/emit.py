@@ -13,6 +13,7 @@ donates the buffers that the step updates in place.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,6 +132,37 @@ def anchor_constraints(plan: P.Plan, graph: G.Graph, mesh: jax.sharding.Mesh) ->
         sharding = jax.sharding.NamedSharding(mesh, S.to_partition_spec(anchor.spec))
         target.setdefault(op.key, {})[index] = sharding
     return Constraints(outputs=outputs, operands=operands)
+
+
+def microbatch_pins(anchors: Sequence[P.Anchor], graph: G.Graph, mesh: jax.sharding.Mesh,
+                    manual: Sequence[str] = ()) -> dict[int, tuple[dict, dict]]:
+    """Anchors of a plan made at one size of the batch, as constraints for ``graph`` traced at another
+    (a microbatch, one data-parallel replica's share of it): op id -> (result index -> sharding, operand
+    index -> sharding).
+
+    Operators are matched by key.  Inside a region manual over ``manual`` (the
+    data-parallel axes, which already split the examples) those axes are left
+    out of every spec; a pin whose rank differs, or whose remaining split does
+    not divide the traced shape, is skipped and left to XLA.
+    """
+    by_key = {op.key: op for op in graph.ops if op.key}
+    sizes = dict(mesh.shape)
+    pins: dict[int, tuple[dict, dict]] = {}
+    for anchor in anchors:
+        op = by_key.get(anchor.key)
+        if op is None:
+            continue
+        shapes = op.output_shapes if anchor.operand is None else op.input_shapes
+        index = anchor.output if anchor.operand is None else anchor.operand
+        if not 0 <= index < len(shapes) or len(shapes[index]) != len(anchor.spec):
+            continue
+        spec = tuple(tuple(axis for axis in dim if axis not in manual) for dim in anchor.spec)
+        if any(size % math.prod(sizes[axis] for axis in dim) for size, dim in zip(shapes[index], spec)):
+            continue
+        results, operands = pins.setdefault(op.id, ({}, {}))
+        table = results if anchor.operand is None else operands
+        table[index] = jax.sharding.NamedSharding(mesh, S.to_partition_spec(spec))
+    return pins
 
 
 def _pin(values: list, shardings: dict | None) -> list:

@@ -585,21 +585,26 @@ def _runtime_cost(choice: PipelineChoice, cost: GraphStageCosts, splits: dict):
     return staging.runtime_cost(cut, sched)
 
 
-def _stage_batch_leaves(choice: PipelineChoice, cost: GraphStageCosts) -> list:
-    """The batch leaves' layouts in the first stage's plan (at microbatch size)."""
-    first = choice.stages[0]
-    option = next(o for o in cost(first.start, first.end, first.devices, choice.microbatches) if o.mesh == first.mesh)
-    return [leaf for leaf in option.detail.inputs if leaf.path.startswith(cost.batch_prefix)]
+def _stage_options(choice: PipelineChoice, cost: GraphStageCosts) -> list[StageOption]:
+    """The option (plan on its logical mesh) each chosen stage runs."""
+    return [next(o for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
+            for s in choice.stages]
 
 
 def _stage_data_axes(choice: PipelineChoice, cost: GraphStageCosts) -> tuple[str, ...]:
+    """The axes every stage's plan splits a microbatch's examples over (`staging.examples_axes`): the
+    runtime runs the stages data parallel over them."""
     from autoplan._src import staging
 
-    leaves = _stage_batch_leaves(choice, cost)
-    if not leaves:
+    graph = cost._graph(choice.microbatches)[0]
+    batch = PL._batch_leaves(graph, cost.batch_prefix)
+    shape = graph.tensors[graph.ops[graph.input_ops[batch[0]]].outputs[0]].shape if batch else ()
+    if not shape:
         return ()
-    return staging.data_axes(leaves[0], choice.microbatches, choice.stages[0].mesh.as_dict(),
-                             examples=leaves[0].shape[0] * choice.microbatches)
+    sizes = choice.stages[0].mesh.as_dict()
+    per_stage = [set(staging.examples_axes(o.detail.anchors, graph, shape[0], sizes))
+                 for o in _stage_options(choice, cost)]
+    return tuple(axis for axis in sizes if all(axis in found for found in per_stage))
 
 
 def _pipeline_mesh(choice: PipelineChoice) -> C.MeshShape:
@@ -628,16 +633,32 @@ def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
 
 def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
                    graph: G.Graph, cluster: C.Cluster, budget: float, time_limit: float, api, P):
+    from autoplan._src import staging
+
     first = choice.stages[0]
     base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
     mesh = first.mesh if len(choice.stages) == 1 else _pipeline_mesh(choice)
-    options = [next(o for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
-               for s in choice.stages]
+    options = _stage_options(choice, cost)
     plans = [o.detail for o in options]
     busy = sum(s.seconds for s in choice.stages)
     comm_share = sum(p.cost.communication_seconds for p in plans) / busy if busy else 0.0
     step = choice.step_seconds
     memory, sent = choice.stages[0].memory_bytes, 0.0
+    if runtime is not None:
+        data_axes = _stage_data_axes(choice, cost)
+    elif choice.microbatches > 1:
+        # One stage looping over microbatches runs the whole-step plan's layouts (which fit its update)
+        # at microbatch size, data parallel over the axes that plan splits the examples over.
+        batch = PL._batch_leaves(graph, cost.batch_prefix)
+        examples = graph.tensors[graph.ops[graph.input_ops[batch[0]]].outputs[0]].shape[0]
+        data_axes = staging.examples_axes(base.anchors, graph, examples, first.mesh.as_dict(),
+                                          microbatches=choice.microbatches)
+    else:
+        data_axes = ()
+    # The batch is split as the runtime splits it: over the data-parallel axes, by examples.
+    base = dataclasses.replace(base, inputs=tuple(
+        dataclasses.replace(leaf, spec=(data_axes, *((),) * (len(leaf.shape) - 1)))
+        if leaf.path.startswith(cost.batch_prefix) and leaf.shape else leaf for leaf in base.inputs))
     if runtime is not None:
         # A stage row keeps its own parameters and optimizer state, their packed copy the pipeline reads,
         # the values it received for every microbatch, and one microbatch's activations (the backward
@@ -645,10 +666,7 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
         memory = max(o.weight_bytes for o in options) + runtime.packed_bytes \
             + max(o.activation_bytes for o in options) + runtime.stash_bytes
         sent = runtime.p2p_bytes + C.collective_bytes("all-reduce", runtime.exchanged_bytes, len(choice.stages))
-        # The batch is split as the stages' plans split it (the runtime's data-parallel axes follow it).
-        batch_specs = {leaf.path: leaf.spec for leaf in _stage_batch_leaves(choice, cost)}
-        inputs = tuple(dataclasses.replace(leaf, spec=batch_specs.get(leaf.path, leaf.spec)) for leaf in base.inputs)
-        base = dataclasses.replace(base, inputs=_with_homes(inputs, runtime.leaf_homes),
+        base = dataclasses.replace(base, inputs=_with_homes(base.inputs, runtime.leaf_homes),
                                    outputs=_with_homes(base.outputs, runtime.output_homes))
     pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
                            communication_seconds=step * comm_share,
@@ -656,7 +674,7 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
                            + sent, memory_bytes=memory)
     return dataclasses.replace(
         base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
-        microbatches=choice.microbatches, alternatives=choice.alternatives,
+        microbatches=choice.microbatches, data_axes=data_axes, alternatives=choice.alternatives,
         solver={**base.solver, "stage_solves": cost.solves})
 
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -265,17 +265,24 @@ def flat_items(closed) -> list[tuple[str, Any]]:
     return items
 
 
-def evaluate_ops(graph: G.Graph, items: Sequence[tuple[str, Any]], ops: Sequence[int], env: dict) -> dict:
-    """Run Graph ops ``ops`` (in order) on ``env`` (tensor id -> value); constants are filled in."""
+def evaluate_ops(graph: G.Graph, items: Sequence[tuple[str, Any]], ops: Sequence[int], env: dict,
+                 pins: Mapping[int, tuple[dict, dict]] | None = None) -> dict:
+    """Run Graph ops ``ops`` (in order) on ``env`` (tensor id -> value); constants are filled in.  ``pins``
+    (`emit.microbatch_pins`) pin an op's results and the operands it reads resharded."""
+    from autoplan._src import emit as E
+
+    pins = pins or {}
     for i in ops:
         op = graph.ops[i]
         kind, payload = items[i]
         if kind == "constant":
             env[op.outputs[0]] = payload
         elif kind == "equation":
+            results, operands = pins.get(i, ({}, {}))
             invals = [compat.literal_value(atom) if t == G.LITERAL else env[t]
                       for t, atom in zip(op.inputs, payload.invars)]
-            env.update(zip(op.outputs, compat.bind_equation(payload, invals)))
+            outs = compat.bind_equation(payload, E._pin(invals, operands))
+            env.update(zip(op.outputs, E._pin(list(outs), results)))
     return env
 
 
@@ -485,9 +492,9 @@ class Accumulated:
     """
 
     def __init__(self, step: Callable, microbatches: int, batch_argnum: int, *,
-                 mesh: jax.sharding.Mesh | None = None, data_axes: Sequence[str] = ()):
+                 mesh: jax.sharding.Mesh | None = None, data_axes: Sequence[str] = (), anchors: Sequence = ()):
         self.step, self.microbatches, self.batch_argnum = step, microbatches, batch_argnum
-        self.mesh, self.data_axes = mesh, tuple(data_axes)
+        self.mesh, self.data_axes, self.anchors = mesh, tuple(data_axes), tuple(anchors)
         self.replicas = math.prod(mesh.shape[axis] for axis in self.data_axes) if self.data_axes else 1
         self._splits: dict[Any, GradientSplit] = {}
 
@@ -532,22 +539,37 @@ class Accumulated:
     def _loop(self, split: GradientSplit, fixed: Sequence[int]) -> Callable:
         """``(fixed leaves, batch leaves) -> sums of the cut values over the microbatches`` (averaged over
         the data-parallel replicas)."""
+        from autoplan._src import emit as E
+
         graph, b = split.graph, self.microbatches
 
         def sums(fixed_values, batch_values):
+            # Inside the manual region the pins name its abstract mesh (data axes Manual).
+            mesh = jax.sharding.get_abstract_mesh() if self.data_axes else self.mesh
+            pins = E.microbatch_pins(self.anchors, graph, mesh, self.data_axes) if self.anchors else {}
             env_fixed = {graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in zip(fixed, fixed_values)}
             stacked = [jnp.reshape(x, (b, x.shape[0] // b, *x.shape[1:])) for x in batch_values]
 
             def one(total, micro):
                 env = dict(env_fixed)
                 env.update({graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in zip(split.batch_inputs, micro)})
-                env = evaluate_ops(graph, split.items, split.gradient_ops, env)
+                env = evaluate_ops(graph, split.items, split.gradient_ops, env, pins)
                 return [acc + env[t].astype(acc.dtype) for acc, t in zip(total, split.cut)], None
 
             zeros = [jnp.zeros(graph.tensors[t].shape, graph.tensors[t].dtype) for t in split.cut]
+            if self.anchors:  # the sums keep the layout the plan makes each in (else whole): XLA would pick
+                zeros = [jax.lax.with_sharding_constraint(z, self._sum_layout(pins, graph, t, mesh))
+                         for z, t in zip(zeros, split.cut)]
             total, _ = jax.lax.scan(one, zeros, stacked)
             return [jax.lax.pmean(x, self.data_axes) for x in total] if self.data_axes else total
         return sums
+
+    @staticmethod
+    def _sum_layout(pins, graph: G.Graph, tensor: int, mesh) -> jax.sharding.NamedSharding:
+        producer = graph.ops[graph.tensors[tensor].producer]
+        results = pins.get(producer.id, ({}, {}))[0]
+        index = producer.outputs.index(tensor)
+        return results.get(index, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def run_update(split: GradientSplit, leaves: Sequence[Any], averaged: dict):
@@ -919,15 +941,16 @@ def gpt_layers(spec) -> list[Layer]:
 
 def emit_accumulated(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True):
     """A plan with microbatches as a runnable program: for one stage `accumulate` under ``jax.jit`` with
-    the plan's input and output shardings (XLA places the intermediates; anchors are not pinned); for
-    several the pipeline of `autoplan._src.staging` (a `staging.StagedProgram`).
+    the plan's input and output shardings, data parallel over ``plan.data_axes`` and the plan's
+    (microbatch-sized) anchors pinned inside the loop; for several the pipeline of
+    `autoplan._src.staging` (a `staging.StagedProgram`).
     """
     from autoplan._src import emit as E
     from autoplan._src import staging
 
     if len(plan.stages) > 1:
         return staging.emit_staged(plan, fun, graph, mesh, donate=donate)
-    run = Accumulated(fun, plan.microbatches, -1, mesh=mesh, data_axes=staging.plan_data_axes(plan, fun, graph, mesh))
+    run = Accumulated(fun, plan.microbatches, -1, mesh=mesh, data_axes=plan.data_axes, anchors=plan.anchors)
     in_shardings = jax.tree_util.tree_unflatten(graph.input_tree, E.leaf_shardings(plan.inputs, mesh))
     out_shardings = jax.tree_util.tree_unflatten(graph.output_tree, E.leaf_shardings(plan.outputs, mesh))
     donate_argnums = E._donated_arguments(graph) if donate else ()

@@ -119,11 +119,13 @@ class Plan:
     solver: Mapping[str, Any]
     fingerprint: str
     # Pipeline (inter-operator pass): `inter.Stage` per stage, the schedule's name, microbatches per step,
-    # and runner-up `inter.PipelineChoice`s.  Empty / None / 1 for a plan without pipelining.
+    # the mesh axes each stage runs data parallel over (manual: one gradient all-reduce per step), and
+    # runner-up `inter.PipelineChoice`s.  Empty / None / 1 for a plan without pipelining.
     stages: tuple = ()
     cluster_origin: str = ""  # how the cluster was chosen when the caller did not name it
     schedule: str | None = None
     microbatches: int = 1
+    data_axes: tuple[str, ...] = ()
     alternatives: tuple = dataclasses.field(default=(), compare=False)
     input_tree: Any = dataclasses.field(default=None, compare=False)
     output_tree: Any = dataclasses.field(default=None, compare=False)
@@ -365,6 +367,9 @@ def _pipeline_lines(plan: Plan) -> list[str]:
         return []
     lines = [f"  pipeline: {len(plan.stages)} stage(s), schedule {plan.schedule}, {plan.microbatches} microbatches, "
              f"bubble {100 * plan.bubble_fraction:.1f}%"]
+    if plan.data_axes:
+        lines.append(f"    data parallel over {' x '.join(plan.data_axes)}: each replica runs its share of every "
+                     "microbatch; gradients are all-reduced once per step")
     for k, s in enumerate(plan.stages):
         mesh = " x ".join(f"{n}={v}" for n, v in zip(s.mesh.axis_names, s.mesh.axis_sizes))
         lines.append(f"    stage {k}: layers {s.start}..{s.end - 1} ({', '.join(s.layers)}) on {s.devices} devices "
@@ -387,7 +392,7 @@ def _pipeline_dict(plan: Plan) -> dict:
     if not plan.stages and plan.microbatches == 1:
         return {}
     return {"stages": [s.to_dict() for s in plan.stages], "schedule": plan.schedule,
-            "microbatches": plan.microbatches}
+            "microbatches": plan.microbatches} | ({"data_axes": list(plan.data_axes)} if plan.data_axes else {})
 
 
 def _pipeline_fields(data: Mapping) -> dict:
@@ -396,7 +401,7 @@ def _pipeline_fields(data: Mapping) -> dict:
     from autoplan._src import inter
 
     return {"stages": tuple(inter.Stage.from_dict(s) for s in data["stages"]), "schedule": data["schedule"],
-            "microbatches": int(data["microbatches"])}
+            "microbatches": int(data["microbatches"]), "data_axes": tuple(data.get("data_axes", ()))}
 
 
 # ---------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from autoplan._src import inter
 from autoplan._src import pipeline as PL
 
 _COMPUTE = (G.FORWARD, G.BACKWARD, G.OPTIMIZER)
+_HEAVY = ("dot_general", "conv_general_dilated")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -641,29 +642,40 @@ def plan_bounds(stages, schedule: str) -> list[tuple[int, int]] | None:
     return [(stage.start, stage.end) for stage in stages]
 
 
-def data_axes(batch_leaf, microbatches: int, mesh_sizes: Mapping[str, int], examples: int | None = None) -> tuple:
-    """The axes a pipeline's stages run data parallel over: those ``batch_leaf`` (a `plan.LeafSharding`)
-    splits its examples over, when each replica gets an equal share of every microbatch (of the
-    ``examples``, default the leaf's leading dim); else none.
+def examples_axes(anchors: Sequence, graph: G.Graph, examples: int, mesh_sizes: Mapping[str, int], *,
+                  microbatches: int = 1, exclude: Sequence[str] = ("stage",)) -> tuple[str, ...]:
+    """The mesh axes a plan splits the examples over in every forward activation: the axes its stages (or
+    its one-stage microbatch loop) can run data parallel over, each replica on its share of every
+    microbatch (``examples / microbatches`` of the ``examples`` the plan was made for).
 
-    >>> from autoplan._src.plan import LeafSharding
-    >>> leaf = LeafSharding(path="batch/x", shape=(16, 8), dtype="float32", spec=(("data",), ()))
-    >>> data_axes(leaf, 4, {"stage": 2, "data": 4}), data_axes(leaf, 8, {"stage": 2, "data": 4})
-    (('data',), ())
+    ``anchors`` are the plan's, made for ``graph``; an activation is the result
+    of a forward matmul or convolution (where the compute is: a plan may leave
+    a cheap broadcast whole) whose leading dim is ``examples`` (the batch leaf
+    itself may stay whole too, as a token array the step slices does).  Only
+    axes in every such layout count, in mesh order, and only if they divide a
+    microbatch.
+
+    >>> from autoplan._src.plan import Anchor
+    >>> from autoplan._src.trace import trace
+    >>> import jax.numpy as jnp
+    >>> graph = trace(lambda w, x: jnp.tanh(x @ w).sum(), jnp.ones((4, 4)), jnp.ones((8, 4)))
+    >>> dot = next(op for op in graph.ops if op.primitive == "dot_general")
+    >>> anchor = Anchor(op=dot.id, key=dot.key, output=0, label="x@w", shape=(8, 4), spec=(("data",), ("model",)))
+    >>> examples_axes([anchor], graph, 8, {"data": 2, "model": 4})
+    ('data',)
     """
-    axes = tuple(batch_leaf.spec[0]) if batch_leaf.spec else ()
-    examples = batch_leaf.shape[0] if examples is None else examples
-    replicas = math.prod(mesh_sizes[axis] for axis in axes)
-    return axes if axes and examples % (microbatches * replicas) == 0 else ()
-
-
-def plan_data_axes(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh) -> tuple:
-    """`data_axes` of ``plan``'s batch (the last argument of ``fun``, traced as ``graph``) on ``mesh``."""
-    from autoplan._src import trace as T
-
-    names = T._argument_names(fun, len(graph.input_tree.children()))
-    batch_leaf = plan.inputs[PL._batch_leaves(graph, names[-1])[0]]
-    return data_axes(batch_leaf, plan.microbatches, dict(mesh.shape))
+    by_key = {op.key: op for op in graph.ops if op.key}
+    common = None
+    for anchor in anchors:
+        op = by_key.get(anchor.key)
+        if anchor.operand is not None or op is None or op.role != G.FORWARD or op.primitive not in _HEAVY \
+                or not anchor.shape or anchor.shape[0] != examples:
+            continue
+        axes = set(anchor.spec[0]) if anchor.spec else set()
+        common = axes if common is None else common & axes
+    axes = tuple(axis for axis in mesh_sizes if axis in (common or ()) and axis not in exclude)
+    share = examples // microbatches
+    return axes if axes and share % math.prod(mesh_sizes[axis] for axis in axes) == 0 else ()
 
 
 def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh, data_axes: Sequence[str] = (), *,
@@ -744,7 +756,7 @@ def priced_step(compiled: StagedCompiled, schedule: PL.Schedule, mesh: jax.shard
 
 def emit_staged(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True) -> StagedProgram:
     """A plan with several stages as a `StagedProgram` on ``mesh``."""
-    staged = staged_step(plan, fun, mesh, plan_data_axes(plan, fun, graph, mesh), donate=donate)
+    staged = staged_step(plan, fun, mesh, plan.data_axes, donate=donate)
     structs = [jax.ShapeDtypeStruct(graph.tensors[graph.ops[o].outputs[0]].shape,
                                     graph.tensors[graph.ops[o].outputs[0]].dtype) for o in graph.input_ops]
     args = jax.tree_util.tree_unflatten(graph.input_tree, structs)
