@@ -113,15 +113,21 @@ def module_below_root(name_stack: str) -> str:
 def layer_of(name_stack: str) -> str:
     """The layer a name stack belongs to.
 
-    The first module below the root whose name ends in a number (``block3``,
-    ``layers_3``), else the first module below the root.  Operators of the root
-    module itself (an activation between two blocks) get no layer here and
-    later join the layer of their largest operand.
+    The modules below the root down to the first whose name ends in a number
+    (``block3``, ``layers_3``, ``encoder/block/0``: an encoder's block 0 and a
+    decoder's are different layers), else the first two modules below the root
+    (``decoder/final_layer_norm`` runs after the decoder's blocks, not before).
+    Operators of the root module itself (an activation between two blocks) get
+    no layer here and later join the layer of their largest operand.
 
     >>> layer_of("transpose(jvp(GPT))/block3/mlp_in")
     'block3'
+    >>> layer_of("jvp(T5)/decoder/block/0/layer/1/EncDecAttention")
+    'decoder/block/0'
     >>> layer_of("jvp(GPT)/ln_f")
     'ln_f'
+    >>> layer_of("jvp(T5)/decoder/final_layer_norm")
+    'decoder/final_layer_norm'
     >>> layer_of("jvp(MLP)")
     ''
     """
@@ -129,10 +135,10 @@ def layer_of(name_stack: str) -> str:
     if not components:
         return ""
     below_root = components[1:]
-    for component in below_root:
+    for depth, component in enumerate(below_root):
         if _INDEXED.match(component):
-            return component
-    return below_root[0] if below_root else ""
+            return "/".join(below_root[:depth + 1])
+    return "/".join(below_root[:2])
 
 
 # Trip count assumed for a ``while`` loop whose count JAX cannot see (a data-dependent
@@ -364,9 +370,12 @@ def _while_trip_count(eqn) -> int | None:
 
 
 def _layer_from_path(path: str, layers: set[str]) -> str:
-    for component in path.split("/"):
-        if component in layers:
-            return component
+    """The layer a leaf path lies under: one whose (possibly nested) name is a run of its components."""
+    components = path.split("/")
+    for start in range(len(components)):
+        for end in range(len(components), start, -1):
+            if "/".join(components[start:end]) in layers:
+                return "/".join(components[start:end])
     return ""
 
 
