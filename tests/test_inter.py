@@ -240,6 +240,9 @@ def test_pipelines_across_slow_nodes_only():
                              cluster=cluster, schedule="1f1b", microbatches=4)
         assert plan.alternatives and all(a.step_seconds >= plan.cost.step_seconds for a in plan.alternatives)
         assert {len(a.stages) for a in plan.alternatives} | {len(plan.stages)} >= {1, 2}
+        # The runtime runs several stages data parallel only: no tensor-parallel stage is offered.
+        assert all(s.mesh.axis_size("model") == 1 for c in (plan, *plan.alternatives) if len(c.stages) > 1
+                   for s in c.stages)
         chosen[name] = plan
     assert len(chosen["slow"].stages) == 2 and chosen["slow"].mesh.axis_sizes[0] == 2
     assert len(chosen["equal"].stages) == 1

@@ -25,7 +25,9 @@ synthetic table instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -389,6 +391,19 @@ def logical_meshes(devices: int) -> list[C.MeshShape]:
             for m in range(1, devices + 1) if devices % m == 0]
 
 
+def runnable_meshes(devices: int, *, total: int) -> list[C.MeshShape]:
+    """The logical meshes a stage of ``devices`` (of ``total``) can run on: every `logical_meshes` one
+    for a single stage; data parallel only when there are several.  The pipeline runs stages as
+    branches of a ``lax.switch`` (`autoplan._src.staging`): a collective inside a branch that only
+    one stage row takes waits for devices running another branch (it deadlocks XLA:CPU), so stages
+    run data parallel over manual axes, and tensor parallelism inside a pipeline stage is not offered.
+
+    >>> [m.axis_sizes for m in runnable_meshes(4, total=4)], [m.axis_sizes for m in runnable_meshes(4, total=8)]
+    ([(4, 1), (2, 2), (1, 4)], [(4, 1)])
+    """
+    return logical_meshes(devices) if devices == total else logical_meshes(devices)[:1]
+
+
 class GraphStageCosts:
     """A `StageCost` from traced graphs: the intra-operator ILP of a layer range's forward and backward
     ops, traced at the microbatch size, on every logical mesh of the submesh.
@@ -553,7 +568,7 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     def trace_at(b: int) -> G.Graph:
         return T.trace(fn, *PL.microbatch_shapes(args, len(args) - 1, b, names))
 
-    meshes = (lambda d: [inner]) if inner is not None else None
+    meshes = (lambda d: [inner]) if inner is not None else functools.partial(runnable_meshes, total=total)
     cost = GraphStageCosts(trace_at, cluster, time_limit=time_limit, batch_prefix=names[-1], meshes=meshes)
     cost.total_devices = total
     units = cost.units(counts[0])
@@ -660,6 +675,7 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
         dataclasses.replace(leaf, spec=(data_axes, *((),) * (len(leaf.shape) - 1)))
         if leaf.path.startswith(cost.batch_prefix) and leaf.shape else leaf for leaf in base.inputs))
     if runtime is not None:
+        _warn_redundant_axes(first.mesh, data_axes)
         # A stage row keeps its own parameters and optimizer state, their packed copy the pipeline reads,
         # the values it received for every microbatch, and one microbatch's activations (the backward
         # recomputes its stage's forward).
@@ -676,6 +692,18 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
         base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
         microbatches=choice.microbatches, data_axes=data_axes, alternatives=choice.alternatives,
         solver={**base.solver, "stage_solves": cost.solves})
+
+
+def _warn_redundant_axes(stage_mesh: C.MeshShape, data_axes: Sequence[str]) -> None:
+    """Stages run data parallel over ``data_axes`` only (see `runnable_meshes`): say so when another
+    axis of the stage mesh is larger than 1, since its devices repeat their stage's work."""
+    idle = {axis: size for axis, size in stage_mesh.as_dict().items() if size > 1 and axis not in data_axes}
+    if idle:
+        how = f"data parallel over {' x '.join(data_axes)} only" if data_axes else \
+            "unsplit: no stage's plan splits the examples over its axes"
+        warnings.warn(f"autoplan: pipeline stages run {how}; the devices along {idle} repeat their stage's work "
+                      "(tensor parallelism inside a pipeline stage is not supported). Use fewer devices per stage, "
+                      "a larger batch, or let the planner choose the mesh", stacklevel=2)
 
 
 def _with_homes(leaves, homes):
