@@ -182,6 +182,34 @@ def test_plan_with_pinned_pipeline(tmp_path):
     assert loaded == plan and loaded.stages == plan.stages and loaded.microbatches == 2
 
 
+def test_interleaved_plan_says_which_chunks_each_stage_row_runs(tmp_path):
+    """Interleaved 1F1B: each of 2 stage rows runs 2 chunks of equal layers (row s: chunks s and s + 2),
+    the plan lists them, the step is (B + (S - 1) / v) t_max (Megatron's interleaved bubble), and the
+    runtime runs exactly those ranges."""
+    import autoplan
+    from autoplan._src import pipeline as PL
+    from autoplan._src import staging
+
+    step, args = _tiny_step()
+    plan = autoplan.plan(step, *args, num_devices=4, cluster="a100-8x", stages=2, microbatches=4,
+                         schedule="interleaved")
+    units = 5  # wte+wpe+block0, block1, block2, block3, ln_f+head
+    assert [s.chunks for s in plan.stages] == [tuple(PL.even_bounds(units, 4)[s::2]) for s in range(2)] \
+        == [((0, 2), (3, 4)), ((2, 3), (4, 5))]
+    assert plan.stages[0].layers == ("wte+wpe+block0", "block1", "block3")
+    t = max(s.seconds for s in plan.stages)
+    assert plan.cost.step_seconds == pytest.approx((4 + (2 - 1) / 2) * t, rel=1e-12)
+    assert plan.bubble_fraction == pytest.approx(1 - 4 * sum(s.seconds for s in plan.stages) /
+                                                 (2 * plan.cost.step_seconds))
+    assert "stage 0: layers 0..1 + 3..3 (wte+wpe+block0, block1, block3)" in plan.summary()
+    assert staging.plan_bounds(plan.stages, plan.schedule) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    plan.save(str(tmp_path / "plan.json"))
+    assert autoplan.load_plan(str(tmp_path / "plan.json")).stages == plan.stages
+    with pytest.raises(ValueError, match="do not fill 8 chunks"):
+        autoplan.plan(step, *args, num_devices=4, cluster="a100-8x", stages=4, microbatches=4,
+                      schedule="interleaved")
+
+
 def test_pinned_pipeline_prices_the_exchange_global_norm_clipping_needs():
     """Under optax.clip_by_global_norm every stage's update reads every gradient: the plan adds one
     all-reduce over the stage axis of all of them (float32, elements counted from the parameter tree)."""

@@ -61,7 +61,12 @@ StageCost = Callable[[int, int, int, int], Sequence[StageOption]]
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Stage:
-    """One pipeline stage of a plan: layers ``[start, end)``, its submesh and predicted cost."""
+    """One pipeline stage of a plan: layers ``[start, end)``, its submesh and predicted cost.
+
+    Under interleaved 1F1B a stage row runs several chunks: ``chunks`` are their layer ranges (chunk
+    ``c`` of row ``s`` is virtual stage ``c * S + s``), ``start``/``end`` span them, and ``seconds`` /
+    ``memory_bytes`` are the row's (all its chunks, per microbatch).
+    """
 
     start: int
     end: int
@@ -71,18 +76,24 @@ class Stage:
     seconds: float
     memory_bytes: float
     in_flight: int
+    chunks: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """The layer ranges the row runs: its chunks, or its one range."""
+        return self.chunks or ((self.start, self.end),)
 
     def to_dict(self) -> dict:
         return {"start": self.start, "end": self.end, "layers": list(self.layers), "devices": self.devices,
                 "mesh": self.mesh.as_dict(), "seconds": self.seconds, "memory_bytes": self.memory_bytes,
-                "in_flight": self.in_flight}
+                "in_flight": self.in_flight} | ({"chunks": [list(c) for c in self.chunks]} if self.chunks else {})
 
     @classmethod
     def from_dict(cls, data) -> Stage:
         mesh = C.MeshShape.from_mesh(data["mesh"])
         return cls(start=data["start"], end=data["end"], layers=tuple(data["layers"]), devices=data["devices"],
                    mesh=mesh, seconds=data["seconds"], memory_bytes=data["memory_bytes"],
-                   in_flight=data["in_flight"])
+                   in_flight=data["in_flight"], chunks=tuple(tuple(c) for c in data.get("chunks", ())))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -102,7 +113,7 @@ class PipelineChoice:
         return 1.0 - busy / (len(self.stages) * self.step_seconds) if self.step_seconds > 0 else 0.0
 
     def describe(self) -> str:
-        parts = [f"{s.start}:{s.end}@{s.devices}" for s in self.stages]
+        parts = ["+".join(f"{i}:{j}" for i, j in s.ranges) + f"@{s.devices}" for s in self.stages]
         return f"{len(self.stages)} stages [{', '.join(parts)}], B={self.microbatches}, {self.step_seconds:.6g} s"
 
 
@@ -577,8 +588,25 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=schedule,
                           memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
                           layer_names=["+".join(u) for u in units])
+    if schedule == "interleaved":
+        choice = _interleaved(choice, cost, ["+".join(u) for u in units], memory_budget)
     choice, runtime = _with_runtime_cost(choice, cost)
     return _pipeline_plan(choice, runtime, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
+
+
+def _interleaved(choice: PipelineChoice, cost: GraphStageCosts, layer_names: Sequence[str],
+                 budget: float) -> PipelineChoice:
+    """The DP's choice and alternatives re-priced as interleaved 1F1B (`interleave`: the DP itself
+    ranks contiguous stages); those with too few layers for their chunks or over ``budget`` dropped."""
+    priced = [interleave(c, cost, layer_names) for c in (dataclasses.replace(choice, alternatives=()),
+                                                         *choice.alternatives)]
+    kept = sorted((c for c in priced if c is not None and all(s.memory_bytes <= budget for s in c.stages)),
+                  key=lambda c: c.step_seconds)
+    if not kept:
+        raise ValueError(f"interleaved 1F1B runs 2 chunks per stage row, and the model's {len(layer_names)} layers "
+                         f"do not fill {2 * len(choice.stages)} chunks (or they exceed the memory budget); use "
+                         "fewer stages, or schedule='1f1b'")
+    return dataclasses.replace(kept[0], alternatives=tuple(kept[1:]))
 
 
 def _runtime_cost(choice: PipelineChoice, cost: GraphStageCosts, splits: dict):
@@ -730,3 +758,41 @@ def evaluate_layout(cost: StageCost, bounds: Sequence[tuple[int, int]], devices:
                             seconds=option.seconds, memory_bytes=option.memory(keep), in_flight=keep))
     return PipelineChoice(stages=tuple(stages), microbatches=microbatches, schedule=schedule,
                           step_seconds=pipeline_seconds([s.seconds for s in stages], microbatches))
+
+
+def interleave(choice: PipelineChoice, cost: StageCost, layer_names: Sequence[str], *, virtual: int = 2
+               ) -> PipelineChoice | None:
+    """``choice`` run as interleaved 1F1B: each of its ``S`` stage rows runs ``virtual`` chunks of equal
+    layers (`pipeline.even_bounds` over ``S * virtual``; row ``s`` gets chunks ``s, s + S, ...``), on the
+    row's submesh and logical mesh.  A row's time per microbatch is the sum of its chunks'; the step is
+    ``B t_max / (1 - bubble)`` with the published interleaved bubble ``(S - 1) / (v B + S - 1)``, i.e.
+    ``(B + (S - 1) / v) t_max``.  None when the model has fewer than ``S * virtual`` layers.
+
+    >>> mesh = C.MeshShape(axis_names=("data",), axis_sizes=(1,))
+    >>> table = lambda i, j, d, b: [StageOption(mesh=mesh, seconds=float(j - i), weight_bytes=0.0,
+    ...                                         activation_bytes=1.0)]
+    >>> two = evaluate_layout(table, [(0, 4), (4, 8)], [1, 1], 4)
+    >>> chosen = interleave(two, table, [str(i) for i in range(8)])
+    >>> [s.chunks for s in chosen.stages], chosen.step_seconds
+    ([((0, 2), (4, 6)), ((2, 4), (6, 8))], 18.0)
+    """
+    stages_count, b = len(choice.stages), choice.microbatches
+    num_layers = choice.stages[-1].end
+    if stages_count == 1 or num_layers < stages_count * virtual:
+        return None if stages_count > 1 else choice
+    bounds = PL.even_bounds(num_layers, stages_count * virtual)
+    sched = PL.schedule("interleaved", stages=stages_count, microbatches=b, virtual=virtual)
+    stages = []
+    for row, stage in enumerate(choice.stages):
+        chunks = tuple(bounds[row::stages_count])
+        options = [next(o for o in cost(i, j, stage.devices, b) if o.mesh == stage.mesh) for i, j in chunks]
+        keep = sched.in_flight(row)
+        stages.append(dataclasses.replace(
+            stage, start=chunks[0][0], end=chunks[-1][1], chunks=chunks,
+            layers=tuple(name for i, j in chunks for name in layer_names[i:j]),
+            seconds=sum(o.seconds for o in options), in_flight=keep,
+            memory_bytes=sum(o.weight_bytes for o in options) + keep * max(o.activation_bytes for o in options)))
+    slowest = max(s.seconds for s in stages)
+    bubble = PL.bubble_formula("interleaved", stages_count, b, virtual)
+    return PipelineChoice(stages=tuple(stages), microbatches=b, schedule="interleaved",
+                          step_seconds=b * slowest / (1 - bubble))

@@ -372,7 +372,8 @@ def _pipeline_lines(plan: Plan) -> list[str]:
                      "microbatch; gradients are all-reduced once per step")
     for k, s in enumerate(plan.stages):
         mesh = " x ".join(f"{n}={v}" for n, v in zip(s.mesh.axis_names, s.mesh.axis_sizes))
-        lines.append(f"    stage {k}: layers {s.start}..{s.end - 1} ({', '.join(s.layers)}) on {s.devices} devices "
+        ranges = " + ".join(f"{i}..{j - 1}" for i, j in s.ranges)
+        lines.append(f"    stage {k}: layers {ranges} ({', '.join(s.layers)}) on {s.devices} devices "
                      f"({mesh}): {_ms(s.seconds)} per microbatch, {_bytes(s.memory_bytes)} with {s.in_flight} "
                      "microbatches in flight")
     owned = [leaf for leaf in plan.inputs if leaf.stage is not None]

@@ -634,9 +634,11 @@ def _layouts(cut: StageCut, homes_: Homes) -> _Layouts:
 
 
 def plan_bounds(stages, schedule: str) -> list[tuple[int, int]] | None:
-    """The virtual stages' layer ranges a plan (or a stage DP choice) runs with: its stages' ranges, or
-    for interleaved 1F1B (``v`` chunks per stage row, which the stage DP does not choose) None: equal
-    ranges."""
+    """The virtual stages' layer ranges a plan (or a stage DP choice) runs with, in virtual-stage order
+    (chunk ``c`` of row ``s`` is virtual stage ``c * S + s``); None for interleaved stages without
+    chunks (equal ranges)."""
+    if any(stage.chunks for stage in stages):
+        return [stage.ranges[c] for c in range(len(stages[0].ranges)) for stage in stages]
     if schedule == "interleaved":
         return None
     return [(stage.start, stage.end) for stage in stages]
