@@ -89,6 +89,16 @@ def make_jaxpr(fn, *args, static_argnums=()):
     return jax.make_jaxpr(fn, static_argnums=static_argnums, return_shape=True)(*args)
 
 
+def sub_jaxprs(params: dict[str, Any]) -> list:
+    """The jaxprs (closed or open) among an equation's parameters: a loop's body, a cond's branches."""
+    found = []
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, (ClosedJaxpr, Jaxpr)):
+                found.append(item)
+    return found
+
+
 def hashable_params(params: dict[str, Any]) -> tuple:
     """A hashable, deterministic key of an equation's parameters (for caching rules)."""
     items = []

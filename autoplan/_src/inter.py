@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from autoplan._src import cluster as C
+from autoplan._src import compat
 from autoplan._src import graph as G
 from autoplan._src import pipeline as PL
 
@@ -303,7 +304,7 @@ def layer_units(graph: G.Graph) -> list[tuple[str, ...]]:
     >>> layer_units(trace(spec.train_step, *spec.abstract_state(), spec.abstract_batch()))
     [('wte', 'wpe', 'block0'), ('block1',), ('ln_f', 'head')]
     """
-    heavy = {op.layer for op in graph.ops if op.primitive in HEAVY_PRIMITIVES and op.role == G.FORWARD}
+    heavy = {op.layer for op in graph.ops if op.role == G.FORWARD and _is_heavy(op)}
     units: list[list[str]] = []
     pending: list[str] = []
     for layer in graph.layers:
@@ -317,6 +318,23 @@ def layer_units(graph: G.Graph) -> list[tuple[str, ...]]:
         else:
             units.append(pending)
     return [tuple(u) for u in units]
+
+
+def _is_heavy(op: G.Op) -> bool:
+    """A matmul or convolution, or a loop / branch / remat region (one operator in a graph traced with
+    ``opaque_structure``) with one inside."""
+    def contains(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in HEAVY_PRIMITIVES:
+                return True
+            if any(contains(compat.open_jaxpr(body)[0]) for body in compat.sub_jaxprs(eqn.params)):
+                return True
+        return False
+
+    if op.primitive in HEAVY_PRIMITIVES:
+        return True
+    return op.primitive in ("scan", "while", "cond", "remat2", "checkpoint") and \
+        any(contains(compat.open_jaxpr(body)[0]) for body in compat.sub_jaxprs(op.params))
 
 
 def op_units(graph: G.Graph, units: Sequence[Sequence[str]]) -> list[int]:

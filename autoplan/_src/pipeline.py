@@ -236,10 +236,12 @@ class MicrobatchError(ValueError):
 
 
 def flat_items(closed) -> list[tuple[str, Any]]:
-    """The step's jaxpr as the flat list `trace` builds its Graph from: item i is Graph op i.
+    """The step's jaxpr as the flat list `trace` builds its Graph from with ``opaque_structure``: item i
+    is Graph op i.
 
     Items are ("constant", value), ("input", None), ("equation", eqn) and
-    ("output", None), inlined exactly as `autoplan._src.trace` inlines.
+    ("output", None), inlined exactly as `autoplan._src.trace` inlines; a loop,
+    branch or remat region is one equation (its literal operands constants).
     """
     items: list[tuple[str, Any]] = [("constant", value) for value in closed.consts]
     items += [("input", None)] * len(closed.jaxpr.invars)
@@ -248,6 +250,9 @@ def flat_items(closed) -> list[tuple[str, Any]]:
         for eqn in jaxpr.eqns:
             body = compat.inline_body(eqn)
             if body is None:
+                if compat.structure_kind(eqn) is not None:
+                    items.extend(("constant", compat.literal_value(atom)) for atom in eqn.invars
+                                 if compat.is_literal(atom))
                 items.append(("equation", eqn))
                 continue
             sub_jaxpr, consts = body
@@ -515,10 +520,10 @@ class Accumulated:
                         f"{self.microbatches * self.replicas} divides, fewer microbatches, or no data axes")
             micro = microbatch_shapes(args, batch_argnum, self.microbatches * self.replicas, names)
             full = T.trace(self.step, *[jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), a)
-                                        for a in args])
+                                        for a in args], opaque_structure=True)
             batch = _batch_leaves(full, names[batch_argnum])
             split_at_gradients(full, batch)  # examples must not mix at the real batch size
-            graph = T.trace(self.step, *micro)
+            graph = T.trace(self.step, *micro, opaque_structure=True)
             self._splits[key] = split_at_gradients(graph, _batch_leaves(graph, names[batch_argnum]))
         return self._splits[key]
 

@@ -100,14 +100,31 @@ def _strip_transforms(component: str) -> str:
         component = match.group(1)
 
 
+# Name scope that `autoplan._src.stacked` puts around chunk k of a stacked layer scan: its ops
+# belong to layer "<name>[k]" (the chunks of one scan are different pipeline layers).
+CHUNK_SCOPE = "autoplan_chunk"
+_CHUNK = re.compile(rf"^{CHUNK_SCOPE}(\d+)$")
+
+
+def _components(name_stack: str) -> tuple[list[str], str]:
+    """The module names of a name stack (transforms stripped) and the chunk suffix ("[k]" or "")."""
+    components = [c for c in (_strip_transforms(p) for p in name_stack.split("/")) if c]
+    suffix = ""
+    while components and _CHUNK.match(components[0]):
+        suffix = f"[{_CHUNK.match(components.pop(0)).group(1)}]"
+    return components, suffix
+
+
 def module_below_root(name_stack: str) -> str:
     """The first module below the root: inside a loop body, the loop's layer.
 
     >>> module_below_root("transpose(jvp(GPT))/blocks/block/ln1")
     'blocks'
+    >>> module_below_root("autoplan_chunk1/jvp(GPT)/blocks/block/ln1")
+    'blocks[1]'
     """
-    components = [c for c in (_strip_transforms(p) for p in name_stack.split("/")) if c]
-    return components[1] if len(components) > 1 else ""
+    components, suffix = _components(name_stack)
+    return components[1] + suffix if len(components) > 1 else ""
 
 
 def layer_of(name_stack: str) -> str:
@@ -130,15 +147,17 @@ def layer_of(name_stack: str) -> str:
     'decoder/final_layer_norm'
     >>> layer_of("jvp(MLP)")
     ''
+    >>> layer_of("autoplan_chunk2/transpose(jvp(GPT))")
+    'stack[2]'
     """
-    components = [c for c in (_strip_transforms(p) for p in name_stack.split("/")) if c]
-    if not components:
-        return ""
+    components, suffix = _components(name_stack)
     below_root = components[1:]
     for depth, component in enumerate(below_root):
         if _INDEXED.match(component):
-            return "/".join(below_root[:depth + 1])
-    return "/".join(below_root[:2])
+            return "/".join(below_root[:depth + 1]) + suffix
+    if below_root:
+        return "/".join(below_root[:2]) + suffix
+    return f"stack{suffix}" if suffix else ""  # a chunk of a stacked-layer scan the root module runs
 
 
 # Trip count assumed for a ``while`` loop whose count JAX cannot see (a data-dependent
@@ -154,7 +173,8 @@ class DynamicTripCountWarning(UserWarning):
 class _Builder:
     """Builds the Graph as a `walk.Visitor`: one Graph operator per equation, loops walked once."""
 
-    def __init__(self):
+    def __init__(self, opaque_structure: bool = False):
+        self.opaque_structure = opaque_structure
         self.ops: list[G.Op] = []
         self.tensors: list[G.Tensor] = []
         self.ties: list[tuple[int, int]] = []
@@ -216,6 +236,8 @@ class _Builder:
         return list(op.outputs)
 
     def structured(self, kind: str, eqn, key: str, stack: str, invals: list) -> list[int]:
+        if self.opaque_structure:
+            return self.equation(eqn, key, stack, invals)
         if kind == "remat":
             jaxpr, consts = compat.open_jaxpr(eqn.params["jaxpr"])
             return self.body(jaxpr, consts, invals, walk.scope_key(key, "remat"), stack)
@@ -379,10 +401,13 @@ def _layer_from_path(path: str, layers: set[str]) -> str:
     return ""
 
 
-def trace(fn, *args, static_argnums: Sequence[int] = ()) -> G.Graph:
+def trace(fn, *args, static_argnums: Sequence[int] = (), opaque_structure: bool = False) -> G.Graph:
     """Trace ``fn(*args)`` into a `Graph`.
 
     ``args`` may hold arrays or ``jax.ShapeDtypeStruct``s; nothing is computed.
+    With ``opaque_structure`` a loop, branch or remat region is one operator
+    (what the microbatch and pipeline runtimes evaluate equation by equation,
+    `pipeline.flat_items`), not its walked body.
 
     >>> import jax, jax.numpy as jnp
     >>> from autoplan._src.trace import trace
@@ -411,7 +436,7 @@ def trace(fn, *args, static_argnums: Sequence[int] = ()) -> G.Graph:
     out_leaves_with_paths, output_tree = jax.tree_util.tree_flatten_with_path(out_shape)
     output_paths = [_path_string("out", kp) for kp, _ in out_leaves_with_paths]
 
-    builder = _Builder()
+    builder = _Builder(opaque_structure)
     jaxpr = closed.jaxpr
     consts = [builder.constant(value, "") for value in closed.consts]
     input_ops, args = [], []
