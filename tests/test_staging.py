@@ -146,6 +146,34 @@ def test_pipelined_scanned_gpt_cut_along_its_stacked_axis_equals_single_device(n
     _assert_stage_owned(got, got_opt, _mesh(stages), stages)
 
 
+def test_planner_pipelines_an_unstacked_scanned_gpt_across_its_stack():
+    """`autoplan.plan` on the chunked step of a scanned GPT: 4 stages over 5 layer units (the embedding
+    with chunk 0, chunks 1-3, the head) must cut the stack; the chunks of every stacked leaf live on
+    different stage rows, and the emitted pipeline equals jax.jit."""
+    import scanned_gpt
+
+    from autoplan._src import emit
+    from autoplan._src import stacked
+    from autoplan._src import trace
+
+    config = dataclasses.replace(scanned_gpt.CONFIG, hidden=32, seq_len=8, vocab_size=64, layers=4, batch=16)
+    step, params, opt_state, batch = scanned_gpt.make("scan", config)
+    unstacked = stacked.Unstacked(step, chunks=4)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, opt_state, batch))
+    plan = autoplan.plan(unstacked.chunked_step, *unstacked.split(*abstract), num_devices=8, cluster="a100-8x",
+                         stages=4, microbatches=4)
+    assert len(plan.stages) == 4
+    rows = {leaf.stage for leaf in plan.inputs if leaf.path.startswith("params/blocks/block/attn/qkv/kernel/")}
+    assert len(rows) >= 3 and None not in rows
+    split = unstacked.split(params, opt_state, batch)
+    program = staging.emit_staged(plan, unstacked.chunked_step, trace.trace(unstacked.chunked_step, *split),
+                                  emit.device_mesh(plan.mesh), donate=False)
+    (want, _), want_losses = _run(jax.jit(step), (params, opt_state), [batch] * 3)
+    (got, _), losses = _run(program, split[:2], [batch] * 3)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    _assert_same(unstacked.join(got), want)
+
+
 def _assert_stage_owned(params, opt_state, mesh, stages):
     """No device holds another stage's weights: every parameter and optimizer-state leaf but the
     step count lives on one stage row's devices, and every row holds some."""

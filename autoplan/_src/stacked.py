@@ -23,6 +23,7 @@ arguments and results.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -92,6 +93,8 @@ class Unstacked:
     def __init__(self, step: Callable, chunks: int, batch_argnum: int = -1):
         self.step, self.chunks, self.batch_argnum = step, chunks, batch_argnum
         self._layouts: dict = {}
+        # The step's name and argument names (what plans call its leaves: params/..., opt_state/...).
+        self.chunked_step = functools.wraps(step)(lambda *split_args: self._chunked_step(*split_args))
 
     # -- which leaves are stacked ------------------------------------------------------------------
     def layout(self, *args) -> dict:
@@ -136,8 +139,11 @@ class Unstacked:
         """``args`` with each stacked leaf replaced by its `Chunks`."""
         layout = self.layout(*args)
         leaves, tree = jax.tree_util.tree_flatten(args)
-        cut = [Chunks(x[a:b] for a, b in layout["bounds"]) if i in layout["inputs"] else x
-               for i, x in enumerate(leaves)]
+        def chunks(x):
+            if isinstance(x, jax.ShapeDtypeStruct):  # planning over abstract arguments
+                return Chunks(jax.ShapeDtypeStruct((b - a, *x.shape[1:]), x.dtype) for a, b in layout["bounds"])
+            return Chunks(x[a:b] for a, b in layout["bounds"])
+        cut = [chunks(x) if i in layout["inputs"] else x for i, x in enumerate(leaves)]
         return jax.tree_util.tree_unflatten(tree, cut)
 
     def join(self, outputs):
@@ -151,8 +157,8 @@ class Unstacked:
             return jnp.concatenate([jax.device_put(p, jax.devices()[0]) for p in x], axis=0)
         return jax.tree_util.tree_map(whole, outputs, is_leaf=lambda x: isinstance(x, Chunks))
 
-    def chunked_step(self, *split_args):
-        """The step on split arguments (`split`), returning split results."""
+    def _chunked_step(self, *split_args):
+        """The step on split arguments (`split`), returning split results (as ``chunked_step``)."""
         def struct(x):
             if isinstance(x, Chunks):
                 return jax.ShapeDtypeStruct((sum(p.shape[0] for p in x), *x[0].shape[1:]), x[0].dtype)
