@@ -149,7 +149,8 @@ def test_pipelined_scanned_gpt_cut_along_its_stacked_axis_equals_single_device(n
 def test_planner_pipelines_an_unstacked_scanned_gpt_across_its_stack():
     """`autoplan.plan` on the chunked step of a scanned GPT: 4 stages over 5 layer units (the embedding
     with chunk 0, chunks 1-3, the head) must cut the stack; the chunks of every stacked leaf live on
-    different stage rows, and the emitted pipeline equals jax.jit."""
+    different stage rows, the compiled sends equal the plan's, and the emitted pipeline equals jax.jit.
+    (Priced on the graph with walked loop bodies, the sends came out 22% low for 2 stages.)"""
     import scanned_gpt
 
     from autoplan._src import emit
@@ -166,8 +167,14 @@ def test_planner_pipelines_an_unstacked_scanned_gpt_across_its_stack():
     rows = {leaf.stage for leaf in plan.inputs if leaf.path.startswith("params/blocks/block/attn/qkv/kernel/")}
     assert len(rows) >= 3 and None not in rows
     split = unstacked.split(params, opt_state, batch)
-    program = staging.emit_staged(plan, unstacked.chunked_step, trace.trace(unstacked.chunked_step, *split),
-                                  emit.device_mesh(plan.mesh), donate=False)
+    mesh = emit.device_mesh(plan.mesh)
+    program = staging.emit_staged(plan, unstacked.chunked_step, trace.trace(unstacked.chunked_step, *split), mesh,
+                                  donate=False)
+    # Honest traffic: the plan prices the sends of the cut the runtime makes (loops as single ops), and
+    # they are all the compiled pipeline communicates (its stages' plans communicate nothing here).
+    collectives = hlo.collectives(program.lower(*split).compile().programs["pipeline"], mesh)
+    assert {c.kind for c in collectives} == {"collective-permute"}
+    assert sum(c.nbytes * c.repeats for c in collectives) == plan.cost.communication_bytes
     (want, _), want_losses = _run(jax.jit(step), (params, opt_state), [batch] * 3)
     (got, _), losses = _run(program, split[:2], [batch] * 3)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-6)

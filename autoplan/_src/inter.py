@@ -451,8 +451,12 @@ class GraphStageCosts:
     """
 
     def __init__(self, trace_at: Callable[[int], G.Graph], cluster: C.Cluster, *, time_limit: float = 30.0,
-                 batch_prefix: str = "batch", meshes: Callable[[int], list[C.MeshShape]] | None = None):
+                 batch_prefix: str = "batch", meshes: Callable[[int], list[C.MeshShape]] | None = None,
+                 runtime_trace_at: Callable[[int], G.Graph] | None = None):
         self.trace_at, self.cluster, self.time_limit = trace_at, cluster, time_limit
+        # The graph the pipeline runtime cuts: loops, branches and remat as single ops (`trace`'s
+        # ``opaque_structure``); what it sends between stages is priced from this cut.
+        self.runtime_graph = runtime_trace_at or trace_at
         self.meshes = meshes or logical_meshes
         self.total_devices: int | None = None  # devices of the whole pipeline, when known
         self.batch_prefix = batch_prefix
@@ -594,11 +598,12 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     for b in counts:
         PL.microbatch_shapes(args, len(args) - 1, b, names)  # a clear error for a batch B does not divide
 
-    def trace_at(b: int) -> G.Graph:
-        return T.trace(fn, *PL.microbatch_shapes(args, len(args) - 1, b, names))
+    def trace_at(b: int, opaque_structure: bool = False) -> G.Graph:
+        return T.trace(fn, *PL.microbatch_shapes(args, len(args) - 1, b, names), opaque_structure=opaque_structure)
 
     meshes = (lambda d: [inner]) if inner is not None else functools.partial(runnable_meshes, total=total)
-    cost = GraphStageCosts(trace_at, cluster, time_limit=time_limit, batch_prefix=names[-1], meshes=meshes)
+    cost = GraphStageCosts(trace_at, cluster, time_limit=time_limit, batch_prefix=names[-1], meshes=meshes,
+                           runtime_trace_at=functools.partial(trace_at, opaque_structure=True))
     cost.total_devices = total
     units = cost.units(counts[0])
     candidates = [stages] if stages else [s for s in (1, 2, 4, 8, 16, 32) if s <= len(units) and total % s == 0]
@@ -639,7 +644,7 @@ def _runtime_cost(choice: PipelineChoice, cost: GraphStageCosts, splits: dict):
     # replica runs its share of each microbatch, which is what it sends and stashes.
     replicas = math.prod(choice.stages[0].mesh.axis_size(axis) for axis in _stage_data_axes(choice, cost))
     if b * replicas not in splits:
-        graph = cost._graph(b * replicas)[0]
+        graph = cost.runtime_graph(b * replicas)
         splits[b * replicas] = PL.split_at_gradients(graph, PL._batch_leaves(graph, cost.batch_prefix))
     sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=b)
     cut = staging.cut_for_schedule(splits[b * replicas], sched, staging.plan_bounds(choice.stages, choice.schedule))
