@@ -651,9 +651,10 @@ def _runtime_cost(choice: PipelineChoice, cost: GraphStageCosts, splits: dict):
     return staging.runtime_cost(cut, sched)
 
 
-def _stage_options(choice: PipelineChoice, cost: GraphStageCosts) -> list[StageOption]:
-    """The option (plan on its logical mesh) each chosen stage runs."""
-    return [next(o for o in cost(s.start, s.end, s.devices, choice.microbatches) if o.mesh == s.mesh)
+def _stage_options(choice: PipelineChoice, cost: GraphStageCosts) -> list[list[StageOption]]:
+    """The options (plans on their logical mesh) each chosen stage row runs: one per layer range (its
+    chunks under interleaved 1F1B)."""
+    return [[next(o for o in cost(i, j, s.devices, choice.microbatches) if o.mesh == s.mesh) for i, j in s.ranges]
             for s in choice.stages]
 
 
@@ -669,7 +670,7 @@ def _stage_data_axes(choice: PipelineChoice, cost: GraphStageCosts) -> tuple[str
         return ()
     sizes = choice.stages[0].mesh.as_dict()
     per_stage = [set(staging.examples_axes(o.detail.anchors, graph, shape[0], sizes))
-                 for o in _stage_options(choice, cost)]
+                 for row in _stage_options(choice, cost) for o in row]
     return tuple(axis for axis in sizes if all(axis in found for found in per_stage))
 
 
@@ -705,7 +706,7 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
     base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
     mesh = first.mesh if len(choice.stages) == 1 else _pipeline_mesh(choice)
     options = _stage_options(choice, cost)
-    plans = [o.detail for o in options]
+    plans = [o.detail for row in options for o in row]
     busy = sum(s.seconds for s in choice.stages)
     comm_share = sum(p.cost.communication_seconds for p in plans) / busy if busy else 0.0
     step = choice.step_seconds
@@ -730,15 +731,16 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
         # A stage row keeps its own parameters and optimizer state, their packed copy the pipeline reads,
         # the values it received for every microbatch, and one microbatch's activations (the backward
         # recomputes its stage's forward).
-        memory = max(o.weight_bytes for o in options) + runtime.packed_bytes \
-            + max(o.activation_bytes for o in options) + runtime.stash_bytes
+        memory = max(sum(o.weight_bytes for o in row) for row in options) + runtime.packed_bytes \
+            + max(o.activation_bytes for row in options for o in row) + runtime.stash_bytes
         sent = runtime.p2p_bytes + C.collective_bytes("all-reduce", runtime.exchanged_bytes, len(choice.stages))
         base = dataclasses.replace(base, inputs=_with_homes(base.inputs, runtime.leaf_homes),
                                    outputs=_with_homes(base.outputs, runtime.output_homes))
     pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
                            communication_seconds=step * comm_share,
-                           communication_bytes=choice.microbatches * max(p.cost.communication_bytes for p in plans)
-                           + sent, memory_bytes=memory)
+                           communication_bytes=choice.microbatches * max(
+                               sum(o.detail.cost.communication_bytes for o in row) for row in options) + sent,
+                           memory_bytes=memory)
     return dataclasses.replace(
         base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
         microbatches=choice.microbatches, data_axes=data_axes, alternatives=choice.alternatives,
