@@ -658,18 +658,24 @@ def _stage_options(choice: PipelineChoice, cost: GraphStageCosts) -> list[list[S
             for s in choice.stages]
 
 
+def _examples(graph: G.Graph, batch_prefix: str) -> int:
+    """The leading dim of the step's first batch leaf in ``graph`` (0 when it has none)."""
+    batch = PL._batch_leaves(graph, batch_prefix)
+    shape = graph.tensors[graph.ops[graph.input_ops[batch[0]]].outputs[0]].shape if batch else ()
+    return shape[0] if shape else 0
+
+
 def _stage_data_axes(choice: PipelineChoice, cost: GraphStageCosts) -> tuple[str, ...]:
     """The axes every stage's plan splits a microbatch's examples over (`staging.examples_axes`): the
     runtime runs the stages data parallel over them."""
     from autoplan._src import staging
 
     graph = cost._graph(choice.microbatches)[0]
-    batch = PL._batch_leaves(graph, cost.batch_prefix)
-    shape = graph.tensors[graph.ops[graph.input_ops[batch[0]]].outputs[0]].shape if batch else ()
-    if not shape:
+    examples = _examples(graph, cost.batch_prefix)
+    if not examples:
         return ()
     sizes = choice.stages[0].mesh.as_dict()
-    per_stage = [set(staging.examples_axes(o.detail.anchors, graph, shape[0], sizes))
+    per_stage = [set(staging.examples_axes(o.detail.anchors, graph, examples, sizes))
                  for row in _stage_options(choice, cost) for o in row]
     return tuple(axis for axis in sizes if all(axis in found for found in per_stage))
 
@@ -716,10 +722,8 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
     elif choice.microbatches > 1:
         # One stage looping over microbatches runs the whole-step plan's layouts (which fit its update)
         # at microbatch size, data parallel over the axes that plan splits the examples over.
-        batch = PL._batch_leaves(graph, cost.batch_prefix)
-        examples = graph.tensors[graph.ops[graph.input_ops[batch[0]]].outputs[0]].shape[0]
-        data_axes = staging.examples_axes(base.anchors, graph, examples, first.mesh.as_dict(),
-                                          microbatches=choice.microbatches)
+        data_axes = staging.examples_axes(base.anchors, graph, _examples(graph, cost.batch_prefix),
+                                          first.mesh.as_dict(), microbatches=choice.microbatches)
     else:
         data_axes = ()
     # The batch is split as the runtime splits it: over the data-parallel axes, by examples.

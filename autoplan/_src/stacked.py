@@ -107,7 +107,8 @@ class Unstacked:
 
     def _find(self, args) -> dict:
         structs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-        closed = jax.make_jaxpr(self.step)(*structs)
+        graph = T.trace(self.step, *structs, opaque_structure=True)  # its jaxpr, output tree and aliases
+        closed = graph.closed_jaxpr
         leaves = jax.tree_util.tree_leaves(structs)
         batch_argnum = self.batch_argnum % len(args)
         first_batch = sum(len(jax.tree_util.tree_leaves(a)) for a in args[:batch_argnum])
@@ -128,10 +129,8 @@ class Unstacked:
         if length < self.chunks:
             raise ValueError(f"the stack has {length} layers, fewer than the {self.chunks} chunks asked for")
         inputs = {i: length for i, x in enumerate(leaves) if i not in batch and x.shape and x.shape[0] == length}
-        aliases = T.trace(self.step, *structs).aliases
-        outputs = {o: length for o, i in aliases.items() if i in inputs}
-        output_tree = jax.tree_util.tree_structure(jax.eval_shape(self.step, *structs))
-        return {"inputs": inputs, "outputs": outputs, "jaxpr": closed, "output_tree": output_tree,
+        outputs = {o: length for o, i in graph.aliases.items() if i in inputs}
+        return {"inputs": inputs, "outputs": outputs, "jaxpr": closed, "output_tree": graph.output_tree,
                 "bounds": tuple(PL.even_bounds(length, self.chunks, what="the stack has only {n} layers"))}
 
     # -- the user's arguments and results ----------------------------------------------------------

@@ -54,7 +54,6 @@ from autoplan._src import inter
 from autoplan._src import pipeline as PL
 
 _COMPUTE = (G.FORWARD, G.BACKWARD, G.OPTIMIZER)
-_HEAVY = ("dot_general", "conv_general_dilated")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -670,7 +669,8 @@ def examples_axes(anchors: Sequence, graph: G.Graph, examples: int, mesh_sizes: 
     common = None
     for anchor in anchors:
         op = by_key.get(anchor.key)
-        if anchor.operand is not None or op is None or op.role != G.FORWARD or op.primitive not in _HEAVY \
+        if anchor.operand is not None or op is None or op.role != G.FORWARD \
+                or op.primitive not in inter.HEAVY_PRIMITIVES \
                 or not anchor.shape or anchor.shape[0] != examples:
             continue
         axes = set(anchor.spec[0]) if anchor.spec else set()

@@ -110,8 +110,9 @@ def _components(name_stack: str) -> tuple[list[str], str]:
     """The module names of a name stack (transforms stripped) and the chunk suffix ("[k]" or "")."""
     components = [c for c in (_strip_transforms(p) for p in name_stack.split("/")) if c]
     suffix = ""
-    while components and _CHUNK.match(components[0]):
-        suffix = f"[{_CHUNK.match(components.pop(0)).group(1)}]"
+    while components and (match := _CHUNK.match(components[0])):
+        suffix = f"[{match.group(1)}]"
+        components.pop(0)
     return components, suffix
 
 
