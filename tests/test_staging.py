@@ -116,9 +116,10 @@ def test_data_parallel_stages_equal_single_device_and_reduce_once_per_step():
     assert reduced[0].nbytes == 4 * (max(row_elements[0], row_elements[1] + 1))
 
 
-@pytest.mark.parametrize("name,stages,microbatches,style", [("gpipe", 2, 4, "scan"), ("interleaved", 2, 4, "remat_scan")])
+@pytest.mark.parametrize("name,stages,microbatches,style", [("gpipe", 2, 4, "scan")])
 def test_pipelined_scanned_gpt_cut_along_its_stacked_axis_equals_single_device(name, stages, microbatches, style):
-    """(1F1B over 4 stages: `test_planner_pipelines_an_unstacked_scanned_gpt_across_its_stack`.)
+    """(1F1B over 4 stages: `test_planner_pipelines_an_unstacked_scanned_gpt_across_its_stack`; interleaved
+    over a remat scan: `test_autoparallel_pipelines_a_scanned_gpt_on_its_stacked_arguments`.)
     The GPT of the real-code issue with its blocks stacked by nn.scan (one forward and one transposed
     scan over 4 layers; parameters and Adam moments are arrays of 4 layers): `stacked.Unstacked` cuts
     every stacked leaf into 4 one-layer chunks and each scan into one scan per chunk, so the pipeline
@@ -179,6 +180,46 @@ def test_planner_pipelines_an_unstacked_scanned_gpt_across_its_stack():
     (got, _), losses = _run(program, split[:2], [batch] * 3)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
     _assert_same(unstacked.join(got), want)
+
+
+@pytest.mark.parametrize("schedule,style", [("1f1b", "scan"), ("interleaved", "remat_scan")])
+def test_autoparallel_pipelines_a_scanned_gpt_on_its_stacked_arguments(schedule, style, tmp_path):
+    """`autoparallel(stages=2)` on the nn.scan GPT as the user wrote it (parameters and Adam moments
+    are arrays of 4 layers): the planner cuts the stack into chunks itself, and the user's stacked
+    arrays go in and come back.  3 steps equal jax.jit's.  Under 1F1B the stage DP gives each row 2
+    of the 4 layers, and every stacked leaf lives between steps as one P("stage", ...) array whose
+    shards on row r hold exactly row r's layers (zero-copy: the arrays the pipeline updated in place);
+    a checkpoint of the run restores onto the plan and the next step is identical.  Interleaved rows
+    hold layers {0, 2} and {1, 3}: the leaf is split evenly over "stage" and copied each step."""
+    import scanned_gpt
+
+    config = dataclasses.replace(scanned_gpt.CONFIG, hidden=64, seq_len=16, vocab_size=64, layers=4, batch=16)
+    step, params, opt_state, batch = scanned_gpt.make(style, config)
+    batches = [batch] * 3
+    (want, want_opt), want_losses = _run(jax.jit(step), (params, opt_state), batches)
+    auto = autoplan.autoparallel(step, cluster="a100-8x", stages=2, microbatches=4, schedule=schedule)
+    (got, got_opt), losses = _run(auto, (params, opt_state), batches)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    _assert_same((got, got_opt), (want, want_opt))
+    plan = auto.plan
+    assert plan.stack_chunks == 4 and len(plan.stages) == 2 and "cut into 4 chunks" in plan.summary()
+    kernel = got["blocks"]["block"]["attn"]["qkv"]["kernel"]
+    assert kernel.shape[0] == 4 and kernel.sharding.spec[0] == "stage" and len(kernel.sharding.device_set) == 8
+    if schedule == "interleaved":
+        return
+    rows = [leaf.stage for leaf in plan.inputs if leaf.path.startswith("params/blocks/block/attn/qkv/kernel/")]
+    assert rows == [0, 0, 1, 1]
+    for shard in kernel.addressable_shards:  # row r's devices hold layers 2r, 2r+1, whole
+        row = int(np.argwhere(auto.mesh.devices == shard.device)[0][0])
+        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(kernel)[2 * row:2 * row + 2])
+
+    autoplan.checkpoint.save(str(tmp_path), (got, got_opt), step=3, asynchronous=False)
+    restored, _ = autoplan.checkpoint.restore(str(tmp_path), plan)
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure((got, got_opt))
+    assert restored[0]["blocks"]["block"]["attn"]["qkv"]["kernel"].sharding == kernel.sharding
+    _, last = _run(auto, (got, got_opt), [batch])
+    _, again = _run(auto, restored, [batch])
+    assert again == last
 
 
 def _assert_stage_owned(params, opt_state, mesh, stages):

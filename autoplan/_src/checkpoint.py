@@ -231,12 +231,20 @@ def _plan_target(plan: Plan, saved_tree, mesh):
             "this Plan was loaded from JSON and does not know the pytree structure of the step's "
             "arguments; restore onto the Plan returned by autoplan.plan(...) for the same step, or "
             "pass a pytree of jax.sharding.NamedSharding as the target")
-    arg_trees = plan.input_tree.children()
+    if plan.stack_chunks:  # a pipeline of a cut stack: the user's stacked leaves, as they live between steps
+        from autoplan._src import stacked
+        from autoplan._src.emit import device_mesh
+
+        tree, pairs = stacked.user_inputs(plan, device_mesh(plan.mesh) if mesh is None else mesh)
+        inputs, flat_shardings = [leaf for leaf, _ in pairs], [s for _, s in pairs]
+    else:
+        tree, inputs = plan.input_tree, list(plan.inputs)
+        flat_shardings = jax.tree_util.tree_leaves(input_named_shardings(plan, mesh))
+    arg_trees = tree.children()
     leaf_counts = [t.num_leaves for t in arg_trees]
     starts = np.cumsum([0] + leaf_counts).tolist()
-    names = [plan.inputs[starts[i]].path.split("/")[0] if leaf_counts[i] else f"arg{i}"
+    names = [inputs[starts[i]].path.split("/")[0] if leaf_counts[i] else f"arg{i}"
              for i in range(len(arg_trees))]
-    shardings = input_named_shardings(plan, mesh)
 
     if isinstance(saved_tree, (list, tuple)):
         chosen = list(range(len(saved_tree)))
@@ -258,13 +266,12 @@ def _plan_target(plan: Plan, saved_tree, mesh):
     target = pick([
         jax.tree_util.tree_unflatten(arg_trees[i], [
             jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(leaf.dtype), sharding=s)
-            for leaf, s in zip(plan.inputs[starts[i]:starts[i + 1]],
-                               jax.tree_util.tree_leaves(shardings[i]))])
+            for leaf, s in zip(inputs[starts[i]:starts[i + 1]], flat_shardings[starts[i]:starts[i + 1]])])
         for i in range(len(arg_trees))])
     # Display names: the plan's own leaf paths ("params/block0/mlp_in/kernel").
     display: dict[str, str] = {}
     flat, _ = jax.tree_util.tree_flatten_with_path(target)
-    by_arg = {i: iter(plan.inputs[starts[i]:starts[i + 1]]) for i in chosen}
+    by_arg = {i: iter(inputs[starts[i]:starts[i + 1]]) for i in chosen}
     for kp, _leaf in flat:
         arg = kp[0].idx if isinstance(kp[0], jax.tree_util.SequenceKey) else names.index(kp[0].key)
         display[_keystr(kp)] = next(by_arg[arg]).path

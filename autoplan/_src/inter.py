@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -157,13 +159,16 @@ def submesh_sizes(num_devices: int, devices_per_node: int) -> list[int]:
 def solve_stages(num_layers: int, num_devices: int, cost: StageCost, *, microbatches: Sequence[int],
                  schedule: str = "1f1b", memory_budget: float = math.inf, sizes: Sequence[int] | None = None,
                  num_stages: Sequence[int] | None = None, uniform: bool = False,
-                 layer_names: Sequence[str] | None = None, keep: int = 8) -> PipelineChoice:
+                 layer_names: Sequence[str] | None = None, keep: int = 8,
+                 equal_share: Sequence[int] | None = None) -> PipelineChoice:
     """Alpa's stage DP: the layer ranges, submeshes, logical meshes and ``B`` of least step latency.
 
     ``sizes`` are the allowed device counts per stage (default `submesh_sizes`
     with one node of all devices); the stages' counts sum to ``num_devices``.
     ``uniform`` gives every stage the same count (the SPMD runtime needs it).
     ``num_stages`` / ``microbatches`` restrict the search (the user's pins).
+    ``equal_share`` (per layer, a count) makes every stage hold the same total of it: a scanned
+    stack's chunks, so that each stage row holds the same layers of every stacked leaf.
     The best plan per (stages, B) pair is kept as ``alternatives``, best first.
 
     >>> table = lambda i, j, d, b: [StageOption(mesh=C.MeshShape(axis_names=("data",), axis_sizes=(d,)),
@@ -188,7 +193,11 @@ def solve_stages(num_layers: int, num_devices: int, cost: StageCost, *, microbat
                 if num_devices % stages or num_devices // stages not in sizes:
                     continue
                 stage_sizes = [num_devices // stages]
-            choice = _dp(num_layers, num_devices, stages, b, options, stage_sizes, schedule, memory_budget, names)
+            share = _share_filter(equal_share, stages)
+            if share is None:
+                continue
+            choice = _dp(num_layers, num_devices, stages, b, options, stage_sizes, schedule, memory_budget, names,
+                         share)
             if choice is not None:
                 found.append(choice)
     if not found:
@@ -209,10 +218,24 @@ class _OptionTable(dict):
         return self[key]
 
 
-def _reachable(num_layers: int, num_stages: int, sizes: Sequence[int]):
+def _share_filter(equal_share: Sequence[int] | None, num_stages: int) -> Callable[[int, int], bool] | None:
+    """(start, end) -> whether a stage over those layers holds its equal share; None when the total
+    does not divide into ``num_stages`` shares."""
+    if equal_share is None:
+        return lambda start, end: True
+    total = sum(equal_share)
+    if total % num_stages:
+        return None
+    prefix = [0, *itertools.accumulate(equal_share)]
+    return lambda start, end: prefix[end] - prefix[start] == total // num_stages
+
+
+def _reachable(num_layers: int, num_stages: int, sizes: Sequence[int], share=lambda start, end: True):
     """(start, end, devices) that can be one stage of a ``num_stages``-stage plan over all layers."""
     for i in range(num_layers):
         for j in range(i + 1, num_layers + 1):
+            if not share(i, j):
+                continue
             for k in range(num_stages):  # stages before this one
                 after = num_stages - 1 - k
                 if (k == 0) == (i == 0) and k <= i and (after == 0) == (j == num_layers) \
@@ -222,14 +245,15 @@ def _reachable(num_layers: int, num_stages: int, sizes: Sequence[int]):
 
 
 def _dp(num_layers: int, num_devices: int, num_stages: int, b: int, options: dict, sizes: Sequence[int],
-        schedule: str, budget: float, names: Sequence[str]) -> PipelineChoice | None:
+        schedule: str, budget: float, names: Sequence[str], share=lambda start, end: True) -> PipelineChoice | None:
     """Exactly ``num_stages`` stages over all layers and devices; outer loop over t_max with Alpa's pruning."""
-    candidates = sorted({o.seconds for key in _reachable(num_layers, num_stages, sizes) for o in options[key]})
+    candidates = sorted({o.seconds for key in _reachable(num_layers, num_stages, sizes, share)
+                         for o in options[key]})
     best: tuple[float, Any] | None = None
     for t_max in candidates:
         if best is not None and b * t_max >= best[0]:
             break  # every plan whose slowest stage is >= t_max costs >= B * t_max (Alpa's early stop)
-        table = _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, budget, t_max)
+        table = _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, budget, t_max, share)
         entry = table.get((num_stages, 0, num_devices))
         if entry is None:
             continue
@@ -250,7 +274,8 @@ def _dp(num_layers: int, num_devices: int, num_stages: int, b: int, options: dic
     return PipelineChoice(stages=tuple(stages), microbatches=b, schedule=schedule, step_seconds=step)
 
 
-def _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, budget, t_max) -> dict:
+def _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, budget, t_max,
+              share=lambda start, end: True) -> dict:
     """f[s, l, d]: least sum of t over s stages covering layers l.. on d devices, each t <= t_max."""
     table: dict[tuple[int, int, int], tuple[float, Any]] = {(0, num_layers, 0): (0.0, None)}
     for s in range(1, num_stages + 1):
@@ -261,6 +286,8 @@ def _dp_under(num_layers, num_devices, num_stages, b, options, sizes, schedule, 
             for d_total in range(1, num_devices + 1):
                 best = None
                 for end in range(start + 1, num_layers - s + 2):
+                    if not share(start, end):
+                        continue
                     for d in sizes:
                         rest = table.get((s - 1, end, d_total - d))
                         if d > d_total or rest is None:
@@ -526,13 +553,16 @@ class GraphStageCosts:
         Every value the layer range reads from other layers arrives from a neighbouring stage.  Once the
         pipeline spans nodes (``total_devices`` above a node) some boundary crosses them, and every
         stage is priced at the inter-node link (conservative: the DP cannot see where boundaries fall).
+        The runtime packs what a tick sends into one buffer per dtype, so latency is paid per dtype,
+        not per value (a scanned stack's chunks read a dozen small loop constants).
         """
         cluster = self.cluster
         spanned = self.total_devices if self.total_devices is not None else mesh.size
         bandwidth = cluster.inter_node_bandwidth if spanned > cluster.devices_per_node or \
             mesh.size >= cluster.devices_per_node else cluster.intra_node_bandwidth
         leaves = [leaf for leaf in plan.inputs if leaf.path.startswith("boundary/") and leaf.shape]
-        return sum(cluster.latency + leaf.device_bytes(mesh) / bandwidth for leaf in leaves)
+        return (cluster.latency * len({leaf.dtype for leaf in leaves})
+                + sum(leaf.device_bytes(mesh) for leaf in leaves) / bandwidth)
 
 
 # ---------------------------------------------------------------------------
@@ -588,6 +618,12 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     if stages is not None and (stages < 1 or total % stages):
         raise ValueError(f"stages={stages} does not divide the {total} devices into equal submeshes; "
                          f"pick a divisor of {total}")
+    if stages != 1:
+        unstacked = _unstacked(fn, args, stages, schedule)
+        if unstacked is not None:
+            return _plan_unstacked(unstacked, fn, args, mesh=mesh, num_devices=num_devices, cluster=cluster,
+                                   memory_budget=memory_budget, stages=stages, microbatches=microbatches,
+                                   schedule=schedule, time_limit=time_limit)
     names = T._argument_names(fn, len(args))
     batch_leaves = jax.tree_util.tree_leaves(args[-1])
     if not batch_leaves or not batch_leaves[0].shape:
@@ -610,11 +646,50 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     sizes = sorted({total // s for s in candidates})
     choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=schedule,
                           memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
-                          layer_names=["+".join(u) for u in units])
+                          layer_names=["+".join(u) for u in units], equal_share=_stack_share(args, units, schedule))
     if schedule == "interleaved":
         choice = _interleaved(choice, cost, ["+".join(u) for u in units], memory_budget)
     choice, runtime = _with_runtime_cost(choice, cost)
     return _pipeline_plan(choice, runtime, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
+
+
+def _unstacked(fn, args, stages: int | None, schedule: str):
+    """`stacked.Unstacked` of a step that scans over one stack of layers (an ``nn.scan`` of blocks), so
+    that stages can cut the stack; None for a step without one (or already cut)."""
+    from autoplan._src import stacked
+
+    if stacked.has_chunks(args):
+        return None
+    try:
+        found = stacked.find_stack(fn, args)
+    except ValueError:  # stacks of several lengths: each stays one layer unit
+        return None
+    if found is None or found["length"] < 2:
+        return None
+    virtual = 2 if schedule == "interleaved" else 1
+    return stacked.Unstacked(fn, stacked.chunk_count(found["length"], stages, virtual))
+
+
+def _stack_share(args, units: Sequence[Sequence[str]], schedule: str) -> list[int] | None:
+    """Per layer unit, how many chunks of a cut stack it holds (`solve_stages`'s ``equal_share``), so
+    that every stage row holds the same layers of each stacked leaf and the leaf lives between steps
+    as one ``P("stage", ...)`` array (`stacked.UnstackedProgram`); None for a step without chunks, and
+    under interleaving, whose rows hold chunks that are not contiguous anyway."""
+    from autoplan._src import stacked
+
+    if schedule == "interleaved" or not stacked.has_chunks(args):
+        return None
+    return [sum(1 for layer in unit if re.search(r"\[\d+\]$", layer)) for unit in units]
+
+
+def _plan_unstacked(unstacked, fn, args, **options):
+    """Plan the chunked step; a one-stage answer is re-planned on the step as written (one scan, not
+    one per chunk), keeping the pipelines it beat as its alternatives."""
+    plan = plan_pipeline(unstacked.chunked_step, *unstacked.split(*args), **options)
+    if len(plan.stages) > 1:
+        return dataclasses.replace(plan, stack_chunks=unstacked.chunks)
+    flat = plan_pipeline(fn, *args, **(options | {"stages": 1, "microbatches": plan.microbatches}))
+    return dataclasses.replace(flat, alternatives=plan.alternatives)
 
 
 def _interleaved(choice: PipelineChoice, cost: GraphStageCosts, layer_names: Sequence[str],

@@ -953,6 +953,10 @@ def emit_accumulated(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mes
     from autoplan._src import emit as E
     from autoplan._src import staging
 
+    if plan.stack_chunks:
+        from autoplan._src import stacked
+
+        return stacked.emit_unstacked(plan, fun, graph, mesh, donate=donate)
     if len(plan.stages) > 1:
         return staging.emit_staged(plan, fun, graph, mesh, donate=donate)
     run = Accumulated(fun, plan.microbatches, -1, mesh=mesh, data_axes=plan.data_axes, anchors=plan.anchors)

@@ -126,6 +126,9 @@ class Plan:
     schedule: str | None = None
     microbatches: int = 1
     data_axes: tuple[str, ...] = ()
+    # A scanned stack of layers cut into this many chunks along its stacked axis (`stacked.Unstacked`):
+    # the leaves are those of the chunked step (a stacked leaf's chunks end in /0, /1, ...); 0: not cut.
+    stack_chunks: int = 0
     alternatives: tuple = dataclasses.field(default=(), compare=False)
     input_tree: Any = dataclasses.field(default=None, compare=False)
     output_tree: Any = dataclasses.field(default=None, compare=False)
@@ -370,6 +373,10 @@ def _pipeline_lines(plan: Plan) -> list[str]:
     if plan.data_axes:
         lines.append(f"    data parallel over {' x '.join(plan.data_axes)}: each replica runs its share of every "
                      "microbatch; gradients are all-reduced once per step")
+    if plan.stack_chunks:
+        lines.append(f"    the scanned stack is cut into {plan.stack_chunks} chunks along its stacked axis (leaves "
+                     "ending /0, /1, ...: its chunks); a stacked argument whose chunks fill each stage row alike "
+                     "lives as one P('stage', ...) array between steps")
     for k, s in enumerate(plan.stages):
         mesh = " x ".join(f"{n}={v}" for n, v in zip(s.mesh.axis_names, s.mesh.axis_sizes))
         ranges = " + ".join(f"{i}..{j - 1}" for i, j in s.ranges)
@@ -393,7 +400,8 @@ def _pipeline_dict(plan: Plan) -> dict:
     if not plan.stages and plan.microbatches == 1:
         return {}
     return {"stages": [s.to_dict() for s in plan.stages], "schedule": plan.schedule,
-            "microbatches": plan.microbatches} | ({"data_axes": list(plan.data_axes)} if plan.data_axes else {})
+            "microbatches": plan.microbatches} | ({"data_axes": list(plan.data_axes)} if plan.data_axes else {}) \
+        | ({"stack_chunks": plan.stack_chunks} if plan.stack_chunks else {})
 
 
 def _pipeline_fields(data: Mapping) -> dict:
@@ -402,7 +410,8 @@ def _pipeline_fields(data: Mapping) -> dict:
     from autoplan._src import inter
 
     return {"stages": tuple(inter.Stage.from_dict(s) for s in data["stages"]), "schedule": data["schedule"],
-            "microbatches": int(data["microbatches"]), "data_axes": tuple(data.get("data_axes", ()))}
+            "microbatches": int(data["microbatches"]), "data_axes": tuple(data.get("data_axes", ())),
+            "stack_chunks": int(data.get("stack_chunks", 0))}
 
 
 # ---------------------------------------------------------------------------

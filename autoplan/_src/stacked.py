@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -106,32 +107,14 @@ class Unstacked:
         return self._layouts[key]
 
     def _find(self, args) -> dict:
-        structs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
-        graph = T.trace(self.step, *structs, opaque_structure=True)  # its jaxpr, output tree and aliases
-        closed = graph.closed_jaxpr
-        leaves = jax.tree_util.tree_leaves(structs)
-        batch_argnum = self.batch_argnum % len(args)
-        first_batch = sum(len(jax.tree_util.tree_leaves(a)) for a in args[:batch_argnum])
-        batch = set(range(first_batch, first_batch + len(jax.tree_util.tree_leaves(args[batch_argnum]))))
-        position = {v: i for i, v in enumerate(closed.jaxpr.invars)}
-        lengths = set()
-        for eqn in _flat_equations(closed.jaxpr):
-            if eqn.primitive.name == "scan":
-                xs = eqn.invars[eqn.params["num_consts"] + eqn.params["num_carry"]:]
-                if any(position.get(v) is not None and position[v] not in batch for v in xs
-                       if not compat.is_literal(v)):
-                    lengths.add(eqn.params["length"])
-        if len(lengths) != 1:
-            raise ValueError("no stacked layers to cut: the step has " + (
-                "no scan over its argument leaves" if not lengths else f"scans of lengths {sorted(lengths)}") +
-                "; Unstacked cuts one stack of layers (an nn.scan over blocks)")
-        length = lengths.pop()
-        if length < self.chunks:
-            raise ValueError(f"the stack has {length} layers, fewer than the {self.chunks} chunks asked for")
-        inputs = {i: length for i, x in enumerate(leaves) if i not in batch and x.shape and x.shape[0] == length}
-        outputs = {o: length for o, i in graph.aliases.items() if i in inputs}
-        return {"inputs": inputs, "outputs": outputs, "jaxpr": closed, "output_tree": graph.output_tree,
-                "bounds": tuple(PL.even_bounds(length, self.chunks, what="the stack has only {n} layers"))}
+        found = find_stack(self.step, args, self.batch_argnum)
+        if found is None:
+            raise ValueError("no stacked layers to cut: the step has no scan over its argument leaves; "
+                             "Unstacked cuts one stack of layers (an nn.scan over blocks)")
+        if found["length"] < self.chunks:
+            raise ValueError(f"the stack has {found['length']} layers, fewer than the {self.chunks} chunks asked for")
+        return found | {"bounds": tuple(PL.even_bounds(found["length"], self.chunks,
+                                                        what="the stack has only {n} layers"))}
 
     # -- the user's arguments and results ----------------------------------------------------------
     def split(self, *args):
@@ -171,6 +154,62 @@ class Unstacked:
         outs = [Chunks(out.parts) if isinstance(out, Chunked) and o in layout["outputs"]
                 else out.whole() if isinstance(out, Chunked) else out for o, out in enumerate(outs)]
         return jax.tree_util.tree_unflatten(layout["output_tree"], outs)
+
+
+def find_stack(step: Callable, args: Sequence[Any], batch_argnum: int = -1) -> dict | None:
+    """The stack of layers ``step`` scans over: ``{"length": L, "inputs": {leaf: L}, "outputs": {leaf: L},
+    "jaxpr", "output_tree"}``, or None when no scan reads a non-batch argument leaf as ``xs``.
+
+    A stacked leaf is a non-batch argument leaf whose leading dim is the length of such a scan (the
+    layers' weights and their optimizer moments); results aliased to one are stacked alike.  Scans of
+    several lengths over argument leaves (an encoder and a decoder stack) are refused: `Unstacked`
+    cuts one stack.
+    """
+    structs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tuple(args))
+    graph = T.trace(step, *structs, opaque_structure=True)  # its jaxpr, output tree and aliases
+    closed = graph.closed_jaxpr
+    leaves = jax.tree_util.tree_leaves(structs)
+    batch_argnum = batch_argnum % len(args)
+    first_batch = sum(len(jax.tree_util.tree_leaves(a)) for a in structs[:batch_argnum])
+    batch = set(range(first_batch, first_batch + len(jax.tree_util.tree_leaves(structs[batch_argnum]))))
+    position = {v: i for i, v in enumerate(closed.jaxpr.invars)}
+    lengths = set()
+    for eqn in _flat_equations(closed.jaxpr):
+        if eqn.primitive.name == "scan":
+            xs = eqn.invars[eqn.params["num_consts"] + eqn.params["num_carry"]:]
+            if any(position.get(v) is not None and position[v] not in batch for v in xs
+                   if not compat.is_literal(v)):
+                lengths.add(eqn.params["length"])
+    if not lengths:
+        return None
+    if len(lengths) > 1:
+        raise ValueError(f"the step scans over its argument leaves with stacks of lengths {sorted(lengths)}; "
+                         "Unstacked cuts one stack of layers (an nn.scan over blocks)")
+    length = lengths.pop()
+    inputs = {i: length for i, x in enumerate(leaves) if i not in batch and x.shape and x.shape[0] == length}
+    outputs = {o: length for o, i in graph.aliases.items() if i in inputs}
+    return {"length": length, "inputs": inputs, "outputs": outputs, "jaxpr": closed,
+            "output_tree": graph.output_tree}
+
+
+def has_chunks(args) -> bool:
+    """Whether ``args`` already hold `Chunks` (the arguments of an `Unstacked` step)."""
+    return any(isinstance(x, Chunks) for x in jax.tree_util.tree_leaves(args, is_leaf=lambda x: isinstance(x, Chunks)))
+
+
+def chunk_count(length: int, stages: int | None, virtual: int = 1, *, most: int = 16) -> int:
+    """How many chunks to cut a stack of ``length`` layers into for a pipeline of ``stages`` rows with
+    ``virtual`` chunks each (None: the stage DP chooses): one per layer up to ``most``, else the largest
+    divisor of ``length`` up to ``most`` that the rows' chunks divide (so every row can get equal layers).
+
+    >>> chunk_count(4, 2), chunk_count(96, 4), chunk_count(96, None), chunk_count(6, 4)
+    (4, 16, 16, 6)
+    """
+    need = (stages or 1) * virtual
+    if length <= most:
+        return max(length, need)
+    fits = [c for c in range(need, most + 1) if length % c == 0 and c % need == 0]
+    return max(fits) if fits else need
 
 
 def _flat_equations(jaxpr):
@@ -247,3 +286,180 @@ class _Interpreter:
             for i, y in enumerate(outs[n_carry:]):
                 ys[i][k] = y
         return [*carry, *[Chunked(tuple(parts), bounds) for parts in ys]]
+
+
+# -- a pipelined plan of a stacked step, run on the user's stacked arguments -------------------------
+def _chunk_leaves(structure: jax.tree_util.PyTreeDef, leaves: Sequence) -> list[tuple[bool, list]]:
+    """The chunked step's leaves (``leaves``, in its flat order) grouped per leaf of the user's tree:
+    (stacked, entries), one entry for a plain leaf and the chunks' entries for a stacked one."""
+    dummy = jax.tree_util.tree_unflatten(structure, range(structure.num_leaves))
+    groups = jax.tree_util.tree_leaves(dummy, is_leaf=lambda x: isinstance(x, Chunks))
+    return [(True, [leaves[j] for j in group]) if isinstance(group, Chunks) else (False, [leaves[group]])
+            for group in groups]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Joined:
+    """How one stacked user leaf of a pipelined stacked step lives between steps.
+
+    ``spec`` (the chunks' common PartitionSpec, stacked axis whole) is set when every stage row holds
+    one contiguous run of the same number of layers with the same spec (`inter._stack_share` makes the
+    stage DP cut so): the leaf is then one ``P("stage", ...)`` array over the whole mesh, and splitting
+    it into chunks or joining them moves no data.  Otherwise (interleaved rows hold chunks that are
+    not contiguous) the leaf's layers are split evenly over ``"stage"`` (replicated if they do not
+    divide), and each step copies every chunk to its row and back.
+    """
+
+    bounds: tuple[tuple[int, int], ...]
+    rows: tuple[int, ...]  # per chunk: its stage row
+    stages: int
+    spec: jax.sharding.PartitionSpec | None
+
+    @classmethod
+    def of(cls, chunks: Sequence, bounds, num_rows: int) -> _Joined:
+        rows = tuple(leaf.stage for leaf in chunks)
+        specs = {leaf.spec for leaf in chunks}
+        layers = [sum(b - a for (a, b), r in zip(bounds, rows) if r == row) for row in range(num_rows)]
+        first = chunks[0].spec
+        aligned = (None not in rows and list(rows) == sorted(rows) and len(set(layers)) == 1
+                   and len(specs) == 1 and not (first and first[0]))
+        spec = jax.sharding.PartitionSpec(*chunks[0].partition_spec[1:]) if aligned else None
+        return cls(bounds=tuple(bounds), rows=rows, stages=num_rows, spec=spec)
+
+    def sharding(self, mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+        if self.spec is not None:
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("stage", *self.spec))
+        even = self.bounds[-1][1] % self.stages == 0
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("stage" if even else None))
+
+    def _row_sharding(self, mesh: jax.sharding.Mesh, row: int) -> jax.sharding.NamedSharding:
+        from autoplan._src import emit as E
+
+        return jax.sharding.NamedSharding(E.stage_row(mesh, row), jax.sharding.PartitionSpec(None, *self.spec))
+
+    def split(self, x: jax.Array, mesh: jax.sharding.Mesh) -> Chunks:
+        x = x if x.sharding == self.sharding(mesh) else jax.device_put(x, self.sharding(mesh))
+        if self.spec is None:
+            return Chunks(x[a:b] for a, b in self.bounds)  # copies, moved to their rows by the pipeline
+        parts = []
+        for row in range(self.stages):
+            local = self._row_sharding(mesh, row)
+            devices = set(local.device_set)
+            mine = [k for k, r in enumerate(self.rows) if r == row]
+            first, last = self.bounds[mine[0]][0], self.bounds[mine[-1]][1]
+            whole = jax.make_array_from_single_device_arrays(  # this row's layers, no copy
+                (last - first, *x.shape[1:]), local, [s.data for s in x.addressable_shards if s.device in devices])
+            parts += [whole] if len(mine) == 1 else [whole[self.bounds[k][0] - first:self.bounds[k][1] - first]
+                                                     for k in mine]
+        return Chunks(parts)
+
+    def join(self, chunks: Chunks, mesh: jax.sharding.Mesh) -> jax.Array:
+        if self.spec is None:
+            everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            whole = jnp.concatenate([jax.device_put(p, everywhere) for p in chunks], axis=0)
+            return jax.device_put(whole, self.sharding(mesh))
+        shards = []
+        for row in range(self.stages):
+            mine = [p for p, r in zip(chunks, self.rows) if r == row]
+            whole = mine[0] if len(mine) == 1 else jnp.concatenate(mine, axis=0)
+            whole = jax.device_put(whole, self._row_sharding(mesh, row))
+            shards += [s.data for s in whole.addressable_shards]
+        length = self.bounds[-1][1]
+        return jax.make_array_from_single_device_arrays((length, *chunks[0].shape[1:]), self.sharding(mesh), shards)
+
+
+def _joined(plan, leaves: Sequence, structure) -> list[_Joined | None]:
+    """Per user leaf of a plan of a cut stack (``leaves``: the plan's chunked inputs or outputs, in
+    ``structure``), its `_Joined`, or None for a leaf that is not stacked."""
+    out = []
+    for stacked, group in _chunk_leaves(structure, leaves):
+        if not stacked:
+            out.append(None)
+            continue
+        ends = list(itertools.accumulate(leaf.shape[0] for leaf in group))
+        out.append(_Joined.of(group, tuple(zip([0, *ends[:-1]], ends)), len(plan.stages)))
+    return out
+
+
+def user_inputs(plan, mesh: jax.sharding.Mesh) -> tuple[Any, list[tuple[Any, jax.sharding.NamedSharding]]]:
+    """A plan of a cut stack (``plan.stack_chunks``) seen from the user's step: the tree of its
+    arguments and, per leaf, (`plan.LeafSharding` of the whole leaf, where it lives between steps)."""
+    from autoplan._src import emit as E
+
+    chunked = E.leaf_shardings(plan.inputs, mesh)
+    dummy = jax.tree_util.tree_unflatten(plan.input_tree, range(len(plan.inputs)))
+    tree = jax.tree_util.tree_structure(dummy, is_leaf=lambda x: isinstance(x, Chunks))
+    leaves = []
+    for joined, (stacked, group) in zip(_joined(plan, plan.inputs, plan.input_tree),
+                                       _chunk_leaves(plan.input_tree, list(zip(plan.inputs, chunked)))):
+        if not stacked:
+            leaves.append(group[0])
+            continue
+        first, sharding = group[0][0], joined.sharding(mesh)
+        spec = tuple(() if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+                     for axes in sharding.spec)
+        whole = dataclasses.replace(first, path=first.path.rsplit("/", 1)[0], stage=None,
+                                    shape=(joined.bounds[-1][1], *first.shape[1:]),
+                                    spec=spec + ((),) * (len(first.shape) - len(spec)))
+        leaves.append((whole, sharding))
+    return tree, leaves
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class UnstackedProgram:
+    """A pipelined plan of a stacked step (``plan.stack_chunks``) run on the user's stacked arguments:
+    each call splits the stacked leaves into their chunks (`_Joined`), runs the pipeline of the chunked
+    step, and joins the stacked results back.  Like `emit.Program`: ``plan``, ``mesh``, ``in_shardings``
+    (the user's tree), ``lower``."""
+
+    plan: Any
+    mesh: jax.sharding.Mesh
+    graph: Any  # the user's step, traced
+    unstacked: Unstacked
+    inner: Any  # the chunked step's program (a `staging.StagedProgram`)
+    inputs: tuple  # per user input leaf: its `_Joined`, or None for a leaf that is not stacked
+    outputs: tuple
+    in_shardings: Any
+
+    def _split(self, args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        cut = [x if j is None else (j.split(x, self.mesh) if isinstance(x, jax.Array) else _abstract_chunks(x, j))
+               for x, j in zip(leaves, self.inputs)]
+        return jax.tree_util.tree_unflatten(tree, cut)
+
+    def __call__(self, *dynamic_args):
+        results = self.inner(*self._split(dynamic_args))
+        flat = jax.tree_util.tree_leaves(results, is_leaf=lambda x: isinstance(x, Chunks))
+        joined = [x if j is None else j.join(x, self.mesh) for x, j in zip(flat, self.outputs)]
+        return jax.tree_util.tree_unflatten(self.graph.output_tree, joined)
+
+    def lower(self, *dynamic_args):
+        return self.inner.lower(*self._split(dynamic_args))
+
+    def trace(self, *dynamic_args):
+        return self.inner.trace(*self._split(dynamic_args))
+
+
+def _abstract_chunks(x, joined: _Joined) -> Chunks:
+    return Chunks(jax.ShapeDtypeStruct((b - a, *x.shape[1:]), x.dtype) for a, b in joined.bounds)
+
+
+def emit_unstacked(plan, fun: Callable, graph, mesh: jax.sharding.Mesh, *, donate: bool = True) -> UnstackedProgram:
+    """``plan`` (made for ``Unstacked(fun, plan.stack_chunks).chunked_step``) as a program of ``fun``'s
+    own arguments; ``graph`` is ``fun`` traced."""
+    from autoplan._src import staging
+
+    unstacked = Unstacked(fun, plan.stack_chunks)
+    structs = [jax.ShapeDtypeStruct(graph.tensors[graph.ops[o].outputs[0]].shape,
+                                    graph.tensors[graph.ops[o].outputs[0]].dtype) for o in graph.input_ops]
+    args = jax.tree_util.tree_unflatten(graph.input_tree, structs)
+    split = unstacked.split(*args)
+    chunked_graph = T.trace(unstacked.chunked_step, *split)
+    inner = staging.emit_staged(plan, unstacked.chunked_step, chunked_graph, mesh, donate=donate)
+    inputs = _joined(plan, plan.inputs, chunked_graph.input_tree)
+    outputs = _joined(plan, plan.outputs, chunked_graph.output_tree)
+    _, leaves = user_inputs(dataclasses.replace(plan, input_tree=chunked_graph.input_tree), mesh)
+    in_shardings = [sharding for _, sharding in leaves]
+    return UnstackedProgram(plan=plan, mesh=mesh, graph=graph, unstacked=unstacked, inner=inner,
+                            inputs=tuple(inputs), outputs=tuple(outputs),
+                            in_shardings=jax.tree_util.tree_unflatten(graph.input_tree, in_shardings))

@@ -106,9 +106,18 @@ CHUNK_SCOPE = "autoplan_chunk"
 _CHUNK = re.compile(rf"^{CHUNK_SCOPE}(\d+)$")
 
 
+# Scopes JAX itself opens (not modules): jax.checkpoint's differentiated body.
+_JAX_SCOPES = frozenset({"rematted_computation"})
+
+
 def _components(name_stack: str) -> tuple[list[str], str]:
-    """The module names of a name stack (transforms stripped) and the chunk suffix ("[k]" or "")."""
-    components = [c for c in (_strip_transforms(p) for p in name_stack.split("/")) if c]
+    """The module names of a name stack (transforms and JAX's own scopes stripped) and the chunk
+    suffix ("[k]" or "").
+
+    >>> _components("autoplan_chunk3/transpose(jvp(GPT))/rematted_computation/blocks/block/attn")
+    (['GPT', 'blocks', 'block', 'attn'], '[3]')
+    """
+    components = [c for c in (_strip_transforms(p) for p in name_stack.split("/")) if c and c not in _JAX_SCOPES]
     suffix = ""
     while components and (match := _CHUNK.match(components[0])):
         suffix = f"[{match.group(1)}]"
@@ -393,8 +402,20 @@ def _while_trip_count(eqn) -> int | None:
 
 
 def _layer_from_path(path: str, layers: set[str]) -> str:
-    """The layer a leaf path lies under: one whose (possibly nested) name is a run of its components."""
+    """The layer a leaf path lies under: one whose (possibly nested) name is a run of its components.
+
+    A chunk of a stacked leaf (`stacked.Chunks`: its path ends in the chunk's index ``k``) belongs to
+    the layer of chunk ``k`` of a stack its path names (``blocks[k]``, or ``stack[k]`` at the root).
+
+    >>> _layer_from_path("opt_state/0/mu/blocks/block/mlp/kernel/1", {"blocks/block", "blocks[0]", "blocks[1]"})
+    'blocks[1]'
+    """
     components = path.split("/")
+    if components[-1].isdigit():
+        chunk = f"[{components[-1]}]"
+        for name in [*components[:-1], "stack"]:
+            if name + chunk in layers:
+                return name + chunk
     for start in range(len(components)):
         for end in range(len(components), start, -1):
             if "/".join(components[start:end]) in layers:
