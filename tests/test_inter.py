@@ -101,6 +101,28 @@ def _brute_force_uniform(num_layers, num_devices, cost, stages, b):
     return best
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_equal_share_dp_equals_brute_force_over_stages_holding_equal_chunks(seed):
+    """A scanned stack cut into 4 chunks (layers 1-4 of 6: an embedding before, a head after): every
+    stage must hold the same number of chunks.  The DP's choice equals brute force over the partitions
+    that do, for 2 and 4 stages; 3 stages cannot share 4 chunks and are skipped."""
+    share = [0, 1, 1, 1, 1, 0]
+    cost = _synthetic(seed, [1, 2, 4], [2])
+    for stages in (2, 4):
+        best = math.inf
+        for ranges in _compositions(6, stages):
+            if any(sum(share[i:j]) != 4 // stages for i, j in ranges):
+                continue
+            for ts in itertools.product(*[[o.seconds for o in cost(i, j, 4 // stages, 2)] for i, j in ranges]):
+                best = min(best, sum(ts) + max(ts))
+        choice = inter.solve_stages(6, 4, cost, microbatches=[2], sizes=[4 // stages], num_stages=[stages],
+                                    uniform=True, equal_share=share)
+        assert choice.step_seconds == pytest.approx(best, rel=1e-12)
+        assert all(sum(share[s.start:s.end]) == 4 // stages for s in choice.stages)
+    with pytest.raises(ValueError, match="no pipeline plan fits"):
+        inter.solve_stages(6, 3, cost, microbatches=[2], sizes=[1], num_stages=[3], uniform=True, equal_share=share)
+
+
 def test_more_stages_than_layers():
     cost = _synthetic(0, [1], [1])
     with pytest.raises(ValueError, match="7 pipeline stages requested but the model has only 6 layers"):
