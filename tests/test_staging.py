@@ -222,6 +222,19 @@ def test_autoparallel_pipelines_a_scanned_gpt_on_its_stacked_arguments(schedule,
     assert again == last
 
 
+def test_more_stages_than_scanned_layers_is_refused_with_the_most_that_fit():
+    import scanned_gpt
+
+    config = dataclasses.replace(scanned_gpt.CONFIG, hidden=32, seq_len=8, vocab_size=64, layers=4, batch=16)
+    step, *state = scanned_gpt.make("scan", config, abstract=True)
+    with pytest.raises(ValueError, match="stages=8 needs at least 8 layers in the scanned stack, which has 4; "
+                                         "ask for at most 4 stages"):
+        autoplan.plan(step, *state, num_devices=8, cluster="a100-8x", stages=8, microbatches=2)
+    with pytest.raises(ValueError, match=r"stages=4 with 2 chunks per row \(interleaved\) needs at least 8"):
+        autoplan.plan(step, *state, num_devices=8, cluster="a100-8x", stages=4, microbatches=4,
+                      schedule="interleaved")
+
+
 def _assert_stage_owned(params, opt_state, mesh, stages):
     """No device holds another stage's weights: every parameter and optimizer-state leaf but the
     step count lives on one stage row's devices, and every row holds some."""

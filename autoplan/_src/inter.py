@@ -667,6 +667,10 @@ def _unstacked(fn, args, stages: int | None, schedule: str):
     if found is None or found["length"] < 2:
         return None
     virtual = 2 if schedule == "interleaved" else 1
+    if stages is not None and found["length"] < stages * virtual:
+        raise ValueError(f"stages={stages}" + (" with 2 chunks per row (interleaved)" if virtual > 1 else "")
+                         + f" needs at least {stages * virtual} layers in the scanned stack, which has "
+                         f"{found['length']}; ask for at most {found['length'] // virtual} stages")
     return stacked.Unstacked(fn, stacked.chunk_count(found["length"], stages, virtual))
 
 

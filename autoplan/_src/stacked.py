@@ -199,17 +199,16 @@ def has_chunks(args) -> bool:
 
 def chunk_count(length: int, stages: int | None, virtual: int = 1, *, most: int = 16) -> int:
     """How many chunks to cut a stack of ``length`` layers into for a pipeline of ``stages`` rows with
-    ``virtual`` chunks each (None: the stage DP chooses): one per layer up to ``most``, else the largest
-    divisor of ``length`` up to ``most`` that the rows' chunks divide (so every row can get equal layers).
+    ``virtual`` chunks each (None: the stage DP chooses the rows): the most, up to ``most`` and
+    ``length``, that the rows share equally, preferring counts that divide the layers evenly.
 
-    >>> chunk_count(4, 2), chunk_count(96, 4), chunk_count(96, None), chunk_count(6, 4)
-    (4, 16, 16, 6)
+    >>> chunk_count(4, 2), chunk_count(96, 4), chunk_count(96, None), chunk_count(6, 4), chunk_count(4, 3)
+    (4, 16, 16, 4, 3)
     """
     need = (stages or 1) * virtual
-    if length <= most:
-        return max(length, need)
-    fits = [c for c in range(need, most + 1) if length % c == 0 and c % need == 0]
-    return max(fits) if fits else need
+    fits = [c for c in range(need, min(length, most) + 1) if c % need == 0]
+    even = [c for c in fits if length % c == 0]
+    return max(even or fits or [need])
 
 
 def _flat_equations(jaxpr):
