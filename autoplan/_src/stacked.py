@@ -15,9 +15,17 @@ layer ranges of `pipeline.even_bounds`), and re-evaluates the traced step with:
 
 The scans of chunk ``k`` run under the name scope ``trace.CHUNK_SCOPE + k``,
 so trace puts them in layer ``"<stack>[k]"``: the stack is ``chunks`` pipeline
-layers (elementwise ops keep their own scope: an optimizer update stays one).  Each chunk leaf is its own leaf, so `staging.homes` keeps it on the
-one stage row that runs its chunk.  ``split`` / ``join`` convert the user's
+layers.  A chunk leaf (its path ends in ``/k``) belongs to that layer too, and
+is its own leaf, so `staging.homes` keeps it on the one stage row that runs its
+chunk.  ``split`` / ``join`` convert the user's
 arguments and results.
+
+The inter-operator pass does this by itself for a step that scans over one
+stack (`find_stack`, `chunk_count`; ``Plan.stack_chunks``), and
+`UnstackedProgram` runs such a plan on the user's stacked arguments: a stacked
+leaf lives between steps as one ``P("stage", ...)`` array, each stage row's
+shards holding that row's layers, so cutting it into chunks and joining them
+back moves nothing.
 """
 
 from __future__ import annotations
@@ -422,8 +430,8 @@ class UnstackedProgram:
 
     def _split(self, args):
         leaves, tree = jax.tree_util.tree_flatten(args)
-        cut = [x if j is None else (j.split(x, self.mesh) if isinstance(x, jax.Array) else _abstract_chunks(x, j))
-               for x, j in zip(leaves, self.inputs)]
+        cut = [x if j is None else _abstract_chunks(x, j) if isinstance(x, jax.ShapeDtypeStruct)
+               else j.split(x, self.mesh) for x, j in zip(leaves, self.inputs)]
         return jax.tree_util.tree_unflatten(tree, cut)
 
     def __call__(self, *dynamic_args):
