@@ -189,7 +189,10 @@ def test_plan_with_pinned_pipeline(tmp_path):
     assert plan.stages[0].layers[0] == "wte+wpe+block0" and plan.stages[-1].layers[-1] == "ln_f+head"
     t = [s.seconds for s in plan.stages]
     # Each stage updates its own weights from its own gradients (Adam): nothing else crosses stages.
-    assert plan.cost.step_seconds == pytest.approx(sum(t) + (2 - 1) * max(t), rel=1e-12)
+    ticks, sends = _lockstep_reference(plan)
+    assert plan.solver["pipeline_seconds"] == pytest.approx({"ticks": ticks, "sends": sends, "exchange": 0.0},
+                                                            rel=1e-12)
+    assert plan.cost.step_seconds == pytest.approx(ticks + sends, rel=1e-12)
     assert plan.bubble_fraction == pytest.approx(1 - 2 * sum(t) / (2 * plan.cost.step_seconds))
     text = plan.summary()
     assert "pipeline: 2 stage(s), schedule 1f1b, 2 microbatches, bubble" in text and "stage 1: layers" in text
@@ -206,8 +209,11 @@ def test_plan_with_pinned_pipeline(tmp_path):
 
 def test_interleaved_plan_says_which_chunks_each_stage_row_runs(tmp_path):
     """Interleaved 1F1B: each of 2 stage rows runs 2 chunks of equal layers (row s: chunks s and s + 2),
-    the plan lists them, the step is (B + (S - 1) / v) t_max (Megatron's interleaved bubble), and the
-    runtime runs exactly those ranges."""
+    the plan lists them, and the runtime runs exactly those ranges.  The step is priced as the runtime
+    runs it (ticks in lock step, each as long as its slowest row's task): no shorter than the busiest
+    row's own work (B microbatches through its chunks, each backward recomputing its forward: 4/3 of
+    the row's seconds) and than Megatron's interleaved step (B + (S - 1) / v) t_max, no longer than
+    every tick at the slowest backward."""
     import autoplan
     from autoplan._src import pipeline as PL
     from autoplan._src import staging
@@ -220,7 +226,11 @@ def test_interleaved_plan_says_which_chunks_each_stage_row_runs(tmp_path):
         == [((0, 2), (3, 4)), ((2, 3), (4, 5))]
     assert plan.stages[0].layers == ("wte+wpe+block0", "block1", "block3")
     t = max(s.seconds for s in plan.stages)
-    assert plan.cost.step_seconds == pytest.approx((4 + (2 - 1) / 2) * t, rel=1e-12)
+    parts = plan.solver["pipeline_seconds"]
+    assert plan.cost.step_seconds == pytest.approx(parts["ticks"] + parts["sends"] + parts["exchange"], rel=1e-12)
+    ticks = PL.schedule("interleaved", stages=2, microbatches=4).num_ticks
+    assert max(4 * 4 / 3 * t, (4 + (2 - 1) / 2) * t) <= parts["ticks"] * (1 + 1e-12)
+    assert parts["ticks"] <= ticks * t
     assert plan.bubble_fraction == pytest.approx(1 - 4 * sum(s.seconds for s in plan.stages) /
                                                  (2 * plan.cost.step_seconds))
     assert "stage 0: layers 0..1 + 3..3 (wte+wpe+block0, block1, block3)" in plan.summary()
@@ -248,10 +258,29 @@ def test_pinned_pipeline_prices_the_exchange_global_norm_clipping_needs():
     params, opt_state = spec.abstract_state()
     plan = autoplan.plan(spec.train_step, params, opt_state, spec.abstract_batch(), num_devices=4,
                          cluster="a100-8x", stages=2, microbatches=2)
-    t = [s.seconds for s in plan.stages]
     elements = sum(leaf.size for leaf in jax.tree.leaves(params))
     exchange = C.collective_seconds("all-reduce", 4 * elements, ("stage",), plan.mesh, C.get_cluster("a100-8x"))
-    assert plan.cost.step_seconds == pytest.approx(sum(t) + (2 - 1) * max(t) + exchange, rel=1e-12)
+    ticks, sends = _lockstep_reference(plan)
+    assert plan.cost.step_seconds == pytest.approx(ticks + sends + exchange, rel=1e-12)
+
+
+def _lockstep_reference(plan):
+    """(ticks, sends) of a pipelined plan's step as the SPMD runtime runs it, from its schedule's task
+    table: every tick lasts as long as its slowest row's task (a forward is a third of the stage's
+    forward + backward; a backward recomputes the forward, so costs all of it), and every tick sends
+    its share of the step's point-to-point bytes each way, within a node here."""
+    from autoplan._src import pipeline as PL
+
+    sched = PL.schedule(plan.schedule, stages=len(plan.stages), microbatches=plan.microbatches)
+    seconds = [s.seconds for s in plan.stages]
+    longest: dict[int, float] = {}
+    for task in sched.tasks:
+        cost = seconds[task.stage] / 3 if task.kind == PL.FORWARD else seconds[task.stage]
+        longest[task.tick] = max(longest.get(task.tick, 0.0), cost)
+    assert len(longest) <= sched.num_ticks
+    cluster = plan.cluster
+    per_send = plan.solver["p2p_bytes"] / sched.num_ticks / 2
+    return sum(longest.values()), 2 * sched.num_ticks * (cluster.latency + per_send / cluster.intra_node_bandwidth)
 
 
 def test_plan_pipeline_bad_input():
@@ -271,6 +300,11 @@ def test_plan_pipeline_bad_input():
         autoplan.plan(step, *args, num_devices=2, schedule="zb")
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "priced as the SPMD runtime runs a pipeline (ticks in lock step, every backward recomputing its "
+    "forward, sends both ways every tick), the 2-stage plan on slow links (12.9 ms) loses to the "
+    "one-stage plan on a 2x2 mesh (7.2 ms); the DP formula (sum t + (B - 1) max t) chose the pipeline, "
+    "and benchmarks/pipeline.py priced its compiled pipelines 2-4x above that formula"))
 def test_pipelines_across_slow_nodes_only():
     """4 devices in nodes of 2, inter-node links 100x slower or equal, a GPT whose block weights (4 x
     d=256: 12.6 MB, 50 MB with Adam) make data parallelism across nodes costly, on slow devices (2.5 TF/s)

@@ -33,6 +33,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 from autoplan._src import cluster as C
 from autoplan._src import compat
 from autoplan._src import graph as G
@@ -512,21 +514,26 @@ class GraphStageCosts:
         state = sum(graph.tensors[graph.ops[i].outputs[0]].nbytes for i in graph.input_ops  # params, opt state
                     if start <= unit_of[i] < end and not graph.ops[i].path.startswith(self.batch_prefix))
         options = []
+        name = f"layers {start}:{end}"
         for mesh in self.meshes(devices):
-            plan, sync = self._solve(sub, mesh, f"layers {start}:{end}")
-            params = [leaf for leaf in plan.inputs if not leaf.path.startswith("boundary/")]
-            param_bytes = sum(leaf.nbytes for leaf in params)
-            fraction = sum(leaf.device_bytes(mesh) for leaf in params) / param_bytes if param_bytes else 1.0
-            boundary = sum(leaf.device_bytes(mesh) for leaf in plan.inputs if leaf.path.startswith("boundary/"))
-            # Weight-gradient reductions run once per step: 1/B of them per microbatch (as Alpa prices them),
-            # so B microbatches through the slowest stage pay them once.
-            seconds = plan.cost.step_seconds - sync + sync / microbatches + self._receive_seconds(plan, mesh)
-            options.append(StageOption(mesh=mesh, seconds=seconds,
-                                       weight_bytes=(state + param_bytes) * fraction,
-                                       activation_bytes=max(plan.cost.memory_bytes - param_bytes * fraction, 0.0)
-                                       + boundary, detail=plan))
+            options.append(self._option(sub, mesh, name, state, microbatches))
         self._cache[key] = tuple(options)
         return self._cache[key]
+
+    def _option(self, sub: G.Graph, mesh: C.MeshShape, name: str, state: float, microbatches: int) -> StageOption:
+        """The `StageOption` of the ILP's plan of ``sub`` on ``mesh`` (the fastest, with no memory budget:
+        the DP drops options that do not fit)."""
+        plan, sync = self._solve(sub, mesh, name)
+        params = [leaf for leaf in plan.inputs if not leaf.path.startswith("boundary/")]
+        param_bytes = sum(leaf.nbytes for leaf in params)
+        fraction = sum(leaf.device_bytes(mesh) for leaf in params) / param_bytes if param_bytes else 1.0
+        boundary = sum(leaf.device_bytes(mesh) for leaf in plan.inputs if leaf.path.startswith("boundary/"))
+        # Weight-gradient reductions run once per step: 1/B of them per microbatch (as Alpa prices them),
+        # so B microbatches through the slowest stage pay them once.
+        seconds = plan.cost.step_seconds - sync + sync / microbatches + self._receive_seconds(plan, mesh)
+        return StageOption(mesh=mesh, seconds=seconds, weight_bytes=(state + param_bytes) * fraction,
+                           activation_bytes=max(plan.cost.memory_bytes - param_bytes * fraction, 0.0) + boundary,
+                           detail=plan)
 
     def _solve(self, sub: G.Graph, mesh: C.MeshShape, name: str):
         """The ILP's plan of a sub-graph, and the seconds of its weight-gradient collectives."""
@@ -764,6 +771,40 @@ def _pipeline_mesh(choice: PipelineChoice) -> C.MeshShape:
     return C.MeshShape(axis_names=("stage", *inner.axis_names), axis_sizes=(len(choice.stages), *inner.axis_sizes))
 
 
+def lockstep_parts(choice: PipelineChoice, chunk_seconds: Sequence[Sequence[float]], p2p_bytes: float,
+                   cluster: C.Cluster) -> dict[str, float]:
+    """One step of ``choice`` as the SPMD runtime (`staging`) runs it: the schedule's ticks in lock step,
+    each as long as its slowest stage row's task, plus the sends every tick.
+
+    ``chunk_seconds[s][c]`` is forward + backward of one microbatch through chunk ``c`` of row ``s``
+    (the stage ILP's price).  A forward task costs a third of it; a backward task costs all of it,
+    since the runtime recomputes the chunk's forward before its backward (a backward is twice a
+    forward in matmul FLOPs).  Every tick sends the packed values ahead and the cotangents back
+    (``p2p_bytes`` per step over all ticks), idle ticks too.  Where the stage times are equal and
+    sends free this is Σ t + (B - 1)·max t with the recompute (GPipe: (S + B - 1) ticks of each kind).
+
+    >>> stage = Stage(start=0, end=1, layers=("a",), devices=1, mesh=C.MeshShape(axis_names=("data",),
+    ...               axis_sizes=(1,)), seconds=3.0, memory_bytes=0.0, in_flight=1)
+    >>> two = PipelineChoice(stages=(stage, stage), microbatches=4, schedule="gpipe", step_seconds=0.0)
+    >>> lockstep_parts(two, [[3.0], [3.0]], 0.0, C.get_cluster("a100-8x"))  # 5 forward ticks + 5 backward
+    {'ticks': 20.0, 'sends': 0.0}
+    """
+    sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=choice.microbatches)
+    kinds, virtual, _ = PL.task_tables(sched)
+    rows = len(choice.stages)
+    task = np.zeros(kinds.shape)
+    for tick, row in np.ndindex(kinds.shape):
+        if kinds[tick, row]:
+            full = chunk_seconds[row][virtual[tick, row] // rows]
+            task[tick, row] = full / 3 if kinds[tick, row] == 1 else full
+    sends = 0.0
+    if p2p_bytes:
+        per_direction = p2p_bytes / sched.num_ticks / 2
+        sends = 2 * sched.num_ticks * C.collective_seconds("p2p", per_direction, ("stage",), _pipeline_mesh(choice),
+                                                           cluster)
+    return {"ticks": float(task.max(axis=1).sum()), "sends": sends}
+
+
 def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
     """The DP's choice and alternatives with what the stage costs leave out: the all-reduce over the
     stage axis of the gradients another stage's update reads (`staging.homes`: none when every stage
@@ -774,9 +815,8 @@ def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
     for c in (dataclasses.replace(choice, alternatives=()), *choice.alternatives):
         runtime = _runtime_cost(c, cost, splits)
         seconds = c.step_seconds
-        if runtime is not None and runtime.exchanged_bytes:
-            seconds += C.collective_seconds("all-reduce", runtime.exchanged_bytes, ("stage",), _pipeline_mesh(c),
-                                            cost.cluster)
+        if runtime is not None:
+            seconds = sum(_step_parts(c, runtime, cost)["pipeline_seconds"].values())
         priced.append((dataclasses.replace(c, step_seconds=seconds), runtime))
     priced.sort(key=lambda pair: pair[0].step_seconds)
     best, runtime = priced[0]
@@ -827,7 +867,19 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
     return dataclasses.replace(
         base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
         microbatches=choice.microbatches, data_axes=data_axes, alternatives=choice.alternatives,
-        solver={**base.solver, "stage_solves": cost.solves})
+        solver={**base.solver, "stage_solves": cost.solves, **_step_parts(choice, runtime, cost)})
+
+
+def _step_parts(choice: PipelineChoice, runtime, cost: GraphStageCosts) -> dict:
+    """The pipelined step's predicted seconds by part (`lockstep_parts`, and the exchange), for the plan's
+    solver record; nothing for one stage."""
+    if runtime is None:
+        return {}
+    parts = lockstep_parts(choice, [[o.seconds for o in row] for row in _stage_options(choice, cost)],
+                           runtime.p2p_bytes, cost.cluster)
+    exchange = C.collective_seconds("all-reduce", runtime.exchanged_bytes, ("stage",), _pipeline_mesh(choice),
+                                    cost.cluster) if runtime.exchanged_bytes else 0.0
+    return {"pipeline_seconds": {**parts, "exchange": exchange}, "p2p_bytes": runtime.p2p_bytes}
 
 
 def _warn_redundant_axes(stage_mesh: C.MeshShape, data_axes: Sequence[str]) -> None:
