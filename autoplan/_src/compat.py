@@ -151,6 +151,11 @@ def structure_kind(eqn) -> str | None:
     return _STRUCTURED.get(eqn.primitive.name)
 
 
+def is_structured(primitive: str) -> bool:
+    """Whether a primitive (by name, as a Graph op records it) has a body kept as structure."""
+    return primitive in _STRUCTURED
+
+
 def open_jaxpr(body) -> tuple[Jaxpr, list[Any]]:
     """(jaxpr, consts) of a ClosedJaxpr or an open Jaxpr parameter."""
     if isinstance(body, ClosedJaxpr):

@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import itertools
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -362,7 +361,7 @@ def _is_heavy(op: G.Op) -> bool:
 
     if op.primitive in HEAVY_PRIMITIVES:
         return True
-    return op.primitive in ("scan", "while", "cond", "remat2", "checkpoint") and \
+    return compat.is_structured(op.primitive) and \
         any(contains(compat.open_jaxpr(body)[0]) for body in compat.sub_jaxprs(op.params))
 
 
@@ -656,8 +655,8 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
                           layer_names=["+".join(u) for u in units], equal_share=_stack_share(args, units, schedule))
     if schedule == "interleaved":
         choice = _interleaved(choice, cost, ["+".join(u) for u in units], memory_budget)
-    choice, runtime = _with_runtime_cost(choice, cost)
-    return _pipeline_plan(choice, runtime, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
+    choice, runtime, parts = _with_runtime_cost(choice, cost)
+    return _pipeline_plan(choice, runtime, parts, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
 
 
 def _unstacked(fn, args, stages: int | None, schedule: str):
@@ -678,7 +677,8 @@ def _unstacked(fn, args, stages: int | None, schedule: str):
         raise ValueError(f"stages={stages}" + (" with 2 chunks per row (interleaved)" if virtual > 1 else "")
                          + f" needs at least {stages * virtual} layers in the scanned stack, which has "
                          f"{found['length']}; ask for at most {found['length'] // virtual} stages")
-    return stacked.Unstacked(fn, stacked.chunk_count(found["length"], stages, virtual))
+    # Seeded with the stack just found, so that cutting these arguments does not trace the step again.
+    return stacked.Unstacked(fn, stacked.chunk_count(found["length"], stages, virtual)).knowing(args, found)
 
 
 def _stack_share(args, units: Sequence[Sequence[str]], schedule: str) -> list[int] | None:
@@ -687,10 +687,11 @@ def _stack_share(args, units: Sequence[Sequence[str]], schedule: str) -> list[in
     as one ``P("stage", ...)`` array (`stacked.UnstackedProgram`); None for a step without chunks, and
     under interleaving, whose rows hold chunks that are not contiguous anyway."""
     from autoplan._src import stacked
+    from autoplan._src import trace as T
 
     if schedule == "interleaved" or not stacked.has_chunks(args):
         return None
-    return [sum(1 for layer in unit if re.search(r"\[\d+\]$", layer)) for unit in units]
+    return [sum(1 for layer in unit if T.is_chunk_layer(layer)) for unit in units]
 
 
 def _plan_unstacked(unstacked, fn, args, **options):
@@ -806,24 +807,22 @@ def lockstep_parts(choice: PipelineChoice, chunk_seconds: Sequence[Sequence[floa
 
 
 def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
-    """The DP's choice and alternatives with what the stage costs leave out: the all-reduce over the
-    stage axis of the gradients another stage's update reads (`staging.homes`: none when every stage
-    updates its own state; all of them under global-norm clipping).  Re-ranked; the best is returned
-    with its `_runtime_cost`."""
+    """The DP's choice and alternatives priced as the runtime runs them (`_step_parts`: ticks in lock
+    step, the sends, and the all-reduce over the stage axis of the gradients another stage's update
+    reads).  Re-ranked; the best is returned with its `_runtime_cost` and its `_step_parts`."""
     splits: dict = {}
     priced = []
     for c in (dataclasses.replace(choice, alternatives=()), *choice.alternatives):
         runtime = _runtime_cost(c, cost, splits)
-        seconds = c.step_seconds
-        if runtime is not None:
-            seconds = sum(_step_parts(c, runtime, cost)["pipeline_seconds"].values())
-        priced.append((dataclasses.replace(c, step_seconds=seconds), runtime))
-    priced.sort(key=lambda pair: pair[0].step_seconds)
-    best, runtime = priced[0]
-    return dataclasses.replace(best, alternatives=tuple(c for c, _ in priced[1:])), runtime
+        parts = _step_parts(c, runtime, cost)
+        seconds = sum(parts["pipeline_seconds"].values()) if parts else c.step_seconds
+        priced.append((dataclasses.replace(c, step_seconds=seconds), runtime, parts))
+    priced.sort(key=lambda entry: entry[0].step_seconds)
+    best, runtime, parts = priced[0]
+    return dataclasses.replace(best, alternatives=tuple(c for c, _, _ in priced[1:])), runtime, parts
 
 
-def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
+def _pipeline_plan(choice: PipelineChoice, runtime, parts: dict, cost: GraphStageCosts,
                    graph: G.Graph, cluster: C.Cluster, budget: float, time_limit: float, api, P):
     from autoplan._src import staging
 
@@ -867,7 +866,7 @@ def _pipeline_plan(choice: PipelineChoice, runtime, cost: GraphStageCosts,
     return dataclasses.replace(
         base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
         microbatches=choice.microbatches, data_axes=data_axes, alternatives=choice.alternatives,
-        solver={**base.solver, "stage_solves": cost.solves, **_step_parts(choice, runtime, cost)})
+        solver={**base.solver, "stage_solves": cost.solves, **parts})
 
 
 def _step_parts(choice: PipelineChoice, runtime, cost: GraphStageCosts) -> dict:

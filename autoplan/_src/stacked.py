@@ -108,14 +108,18 @@ class Unstacked:
     # -- which leaves are stacked ------------------------------------------------------------------
     def layout(self, *args) -> dict:
         """``{"inputs": {leaf: L}, "outputs": {leaf: L}, "bounds": ..., "jaxpr": ...}`` for these args."""
-        key = jax.tree_util.tree_structure(args), tuple(
-            (tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(args))
+        key = _signature(args)
         if key not in self._layouts:
-            self._layouts[key] = self._find(args)
+            self._layouts[key] = self._with_bounds(find_stack(self.step, args, self.batch_argnum))
         return self._layouts[key]
 
-    def _find(self, args) -> dict:
-        found = find_stack(self.step, args, self.batch_argnum)
+    def knowing(self, args, found: dict) -> Unstacked:
+        """This, with the layout of ``args`` taken from ``found`` (`find_stack` of the same step and
+        arguments) instead of tracing the step again."""
+        self._layouts[_signature(args)] = self._with_bounds(found)
+        return self
+
+    def _with_bounds(self, found: dict | None) -> dict:
         if found is None:
             raise ValueError("no stacked layers to cut: the step has no scan over its argument leaves; "
                              "Unstacked cuts one stack of layers (an nn.scan over blocks)")
@@ -131,7 +135,7 @@ class Unstacked:
         leaves, tree = jax.tree_util.tree_flatten(args)
         def chunks(x):
             if isinstance(x, jax.ShapeDtypeStruct):  # planning over abstract arguments
-                return Chunks(jax.ShapeDtypeStruct((b - a, *x.shape[1:]), x.dtype) for a, b in layout["bounds"])
+                return _chunk_structs(x, layout["bounds"])
             return Chunks(x[a:b] for a, b in layout["bounds"])
         cut = [chunks(x) if i in layout["inputs"] else x for i, x in enumerate(leaves)]
         return jax.tree_util.tree_unflatten(tree, cut)
@@ -162,6 +166,16 @@ class Unstacked:
         outs = [Chunks(out.parts) if isinstance(out, Chunked) and o in layout["outputs"]
                 else out.whole() if isinstance(out, Chunked) else out for o, out in enumerate(outs)]
         return jax.tree_util.tree_unflatten(layout["output_tree"], outs)
+
+
+def _signature(args) -> tuple:
+    return jax.tree_util.tree_structure(args), tuple(
+        (tuple(x.shape), str(x.dtype)) for x in jax.tree_util.tree_leaves(args))
+
+
+def _chunk_structs(x, bounds) -> Chunks:
+    """The chunks of an abstract stacked leaf (planning over ShapeDtypeStructs)."""
+    return Chunks(jax.ShapeDtypeStruct((b - a, *x.shape[1:]), x.dtype) for a, b in bounds)
 
 
 def find_stack(step: Callable, args: Sequence[Any], batch_argnum: int = -1) -> dict | None:
@@ -333,11 +347,21 @@ class _Joined:
         spec = jax.sharding.PartitionSpec(*chunks[0].partition_spec[1:]) if aligned else None
         return cls(bounds=tuple(bounds), rows=rows, stages=num_rows, spec=spec)
 
+    @property
+    def over_stages(self) -> bool:
+        """Whether the stacked axis is split over ``"stage"`` between steps (else the leaf is replicated)."""
+        return self.spec is not None or self.bounds[-1][1] % self.stages == 0
+
     def sharding(self, mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
         if self.spec is not None:
             return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("stage", *self.spec))
-        even = self.bounds[-1][1] % self.stages == 0
-        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("stage" if even else None))
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("stage" if self.over_stages else None))
+
+    def leaf_spec(self, chunk) -> tuple:
+        """The whole leaf's spec (as `plan.LeafSharding` holds it) given one chunk's `LeafSharding`:
+        what `sharding` lays out."""
+        rest = chunk.spec[1:] if self.spec is not None else ((),) * (len(chunk.shape) - 1)
+        return (("stage",) if self.over_stages else (), *rest)
 
     def _row_sharding(self, mesh: jax.sharding.Mesh, row: int) -> jax.sharding.NamedSharding:
         from autoplan._src import emit as E
@@ -402,13 +426,10 @@ def user_inputs(plan, mesh: jax.sharding.Mesh) -> tuple[Any, list[tuple[Any, jax
         if not stacked:
             leaves.append(group[0])
             continue
-        first, sharding = group[0][0], joined.sharding(mesh)
-        spec = tuple(() if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-                     for axes in sharding.spec)
+        first = group[0][0]
         whole = dataclasses.replace(first, path=first.path.rsplit("/", 1)[0], stage=None,
-                                    shape=(joined.bounds[-1][1], *first.shape[1:]),
-                                    spec=spec + ((),) * (len(first.shape) - len(spec)))
-        leaves.append((whole, sharding))
+                                    shape=(joined.bounds[-1][1], *first.shape[1:]), spec=joined.leaf_spec(first))
+        leaves.append((whole, joined.sharding(mesh)))
     return tree, leaves
 
 
@@ -430,7 +451,7 @@ class UnstackedProgram:
 
     def _split(self, args):
         leaves, tree = jax.tree_util.tree_flatten(args)
-        cut = [x if j is None else _abstract_chunks(x, j) if isinstance(x, jax.ShapeDtypeStruct)
+        cut = [x if j is None else _chunk_structs(x, j.bounds) if isinstance(x, jax.ShapeDtypeStruct)
                else j.split(x, self.mesh) for x, j in zip(leaves, self.inputs)]
         return jax.tree_util.tree_unflatten(tree, cut)
 
@@ -447,26 +468,21 @@ class UnstackedProgram:
         return self.inner.trace(*self._split(dynamic_args))
 
 
-def _abstract_chunks(x, joined: _Joined) -> Chunks:
-    return Chunks(jax.ShapeDtypeStruct((b - a, *x.shape[1:]), x.dtype) for a, b in joined.bounds)
-
-
 def emit_unstacked(plan, fun: Callable, graph, mesh: jax.sharding.Mesh, *, donate: bool = True) -> UnstackedProgram:
     """``plan`` (made for ``Unstacked(fun, plan.stack_chunks).chunked_step``) as a program of ``fun``'s
     own arguments; ``graph`` is ``fun`` traced."""
+    from autoplan._src import emit as E
     from autoplan._src import staging
 
     unstacked = Unstacked(fun, plan.stack_chunks)
-    structs = [jax.ShapeDtypeStruct(graph.tensors[graph.ops[o].outputs[0]].shape,
-                                    graph.tensors[graph.ops[o].outputs[0]].dtype) for o in graph.input_ops]
-    args = jax.tree_util.tree_unflatten(graph.input_tree, structs)
-    split = unstacked.split(*args)
+    split = unstacked.split(*staging.abstract_arguments(graph))
     chunked_graph = T.trace(unstacked.chunked_step, *split)
     inner = staging.emit_staged(plan, unstacked.chunked_step, chunked_graph, mesh, donate=donate)
     inputs = _joined(plan, plan.inputs, chunked_graph.input_tree)
     outputs = _joined(plan, plan.outputs, chunked_graph.output_tree)
-    _, leaves = user_inputs(dataclasses.replace(plan, input_tree=chunked_graph.input_tree), mesh)
-    in_shardings = [sharding for _, sharding in leaves]
+    grouped = _chunk_leaves(chunked_graph.input_tree, E.leaf_shardings(plan.inputs, mesh))
+    in_shardings = [group[0] if joined is None else joined.sharding(mesh)
+                    for (_, group), joined in zip(grouped, inputs)]
     return UnstackedProgram(plan=plan, mesh=mesh, graph=graph, unstacked=unstacked, inner=inner,
                             inputs=tuple(inputs), outputs=tuple(outputs),
                             in_shardings=jax.tree_util.tree_unflatten(graph.input_tree, in_shardings))

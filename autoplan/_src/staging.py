@@ -756,12 +756,17 @@ def priced_step(compiled: StagedCompiled, schedule: PL.Schedule, mesh: jax.shard
     return out | {"step": sum(out.values())}
 
 
+def abstract_arguments(graph: G.Graph) -> tuple:
+    """The traced step's arguments as ShapeDtypeStructs (a tuple of pytrees, like the call's)."""
+    structs = [jax.ShapeDtypeStruct(graph.tensors[graph.ops[o].outputs[0]].shape,
+                                    graph.tensors[graph.ops[o].outputs[0]].dtype) for o in graph.input_ops]
+    return jax.tree_util.tree_unflatten(graph.input_tree, structs)
+
+
 def emit_staged(plan, fun: Callable, graph: G.Graph, mesh: jax.sharding.Mesh, *, donate: bool = True) -> StagedProgram:
     """A plan with several stages as a `StagedProgram` on ``mesh``."""
     staged = staged_step(plan, fun, mesh, plan.data_axes, donate=donate)
-    structs = [jax.ShapeDtypeStruct(graph.tensors[graph.ops[o].outputs[0]].shape,
-                                    graph.tensors[graph.ops[o].outputs[0]].dtype) for o in graph.input_ops]
-    args = jax.tree_util.tree_unflatten(graph.input_tree, structs)
+    args = abstract_arguments(graph)
     runs = [None if home is None or home < 0 else home for home in staged.homes(*args).leaves]
     planned = [leaf.stage for leaf in plan.inputs]
     if any(p is not None for p in planned) and planned != runs:

@@ -104,6 +104,16 @@ def _strip_transforms(component: str) -> str:
 # belong to layer "<name>[k]" (the chunks of one scan are different pipeline layers).
 CHUNK_SCOPE = "autoplan_chunk"
 _CHUNK = re.compile(rf"^{CHUNK_SCOPE}(\d+)$")
+_CHUNK_LAYER = re.compile(r"\[\d+\]$")
+
+
+def is_chunk_layer(layer: str) -> bool:
+    """Whether ``layer`` is a chunk of a stacked-layer scan (``blocks[2]``, ``stack[0]``).
+
+    >>> is_chunk_layer("blocks[2]"), is_chunk_layer("blocks/block"), is_chunk_layer("block2")
+    (True, False, False)
+    """
+    return bool(_CHUNK_LAYER.search(layer))
 
 
 # Scopes JAX itself opens (not modules): jax.checkpoint's differentiated body.
