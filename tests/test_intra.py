@@ -1,5 +1,6 @@
 """The ILP against brute force, and the plans it must rediscover."""
 
+import dataclasses
 import itertools
 import warnings
 
@@ -55,8 +56,9 @@ def linear_attention(x, wq, wk, wv):
     return (q @ k.T) @ v
 
 
+@pytest.mark.parametrize("solver", ["highs", "cp-sat"])
 @pytest.mark.parametrize("case", ["mlp-small-batch", "mlp-large-batch", "attention"])
-def test_ilp_equals_brute_force(case):
+def test_ilp_equals_brute_force(case, solver):
     f32 = jnp.float32
     if case.startswith("mlp"):
         tokens = 16 if case == "mlp-small-batch" else 1 << 14
@@ -67,7 +69,7 @@ def test_ilp_equals_brute_force(case):
         args = [jax.ShapeDtypeStruct((64, 256), f32)] + [jax.ShapeDtypeStruct((256, 256), f32)] * 3
         fn, mesh, merge = linear_attention, jax.sharding.AbstractMesh((2,), ("model",)), True
     graph, problem, options = _problem(fn, *args, mesh=mesh, merge=merge)
-    solution = intra.solve(problem, options)
+    solution = intra.solve(problem, dataclasses.replace(options, solver=solver))
     best, _ = brute_force(problem)
     assert solution.objective_seconds == pytest.approx(best, rel=1e-6)
     # The objective is the cost model's own evaluation of the plan.

@@ -32,9 +32,9 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from ortools.sat.python import cp_model
 
 from autoplan._src import graph as G
+from autoplan._src import milp
 from autoplan._src.strategies import base as S
 from autoplan._src.strategies import control
 from autoplan._src.strategies.base import ELEMENTWISE
@@ -44,9 +44,6 @@ FOLLOWERS = frozenset(
     set(ELEMENTWISE)
     | {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "reduce_sum", "reduce_max",
        "reduce_min", "reduce_prod", "cumsum", "argmax", "argmin"})
-
-
-SCALE = 1e9
 
 
 class PlanningError(ValueError):
@@ -65,9 +62,10 @@ class SolveOptions:
     tie_layers: bool = True
     # Op id -> allowed specs of its first output (inputs) or operand (outputs): baselines pin layouts.
     pinned: Mapping[int, Sequence[S.Spec]] = dataclasses.field(default_factory=dict)
-    num_workers: int = 1
     memory_points: int = 8
-    solver_params: Mapping[str, object] | None = None
+    solver: str = "highs"  # or "cp-sat": see milp.py
+    num_workers: int = 1  # CP-SAT's workers; one keeps plans deterministic
+    solver_params: Mapping[str, object] | None = None  # scipy.optimize.milp options or CP-SAT parameters
 
 
 @dataclasses.dataclass(kw_only=True, slots=True, eq=False)
@@ -760,101 +758,43 @@ def _gib(nbytes: float | None) -> str:
 
 def _solve_once(problem: Problem, options: SolveOptions, points, vectors, intervals, hint, *,
                 minimize_memory: bool):
-    model = cp_model.CpModel()
-    x = []
-    for v, n in enumerate(problem.num_choices):
-        lits = [model.NewBoolVar(f"x{v}_{i}") for i in range(n)]
-        model.AddExactlyOne(lits)
-        if problem.allowed[v] is not None:
-            for i in np.nonzero(~problem.allowed[v])[0]:
-                model.Add(lits[int(i)] == 0)
-        x.append(lits)
-    # Scale seconds to integers.
-    upper = (sum(float(c.max()) for c in problem.node_cost) + sum(float(m.max()) for m in problem.edge_cost.values())
-             + sum(problem.group_latency.values()))
-    scale = SCALE / upper if upper > 0 else 1.0
-    objective = []
+    rows = milp.Rows()
+    offsets = np.concatenate([[0], np.cumsum(problem.num_choices)]).astype(np.int64)
+    scale = 0.0 if minimize_memory else 1e6  # the objective in microseconds
     for v, c in enumerate(problem.node_cost):
-        base = float(c.min())
-        for i, value in enumerate(c):
-            coef = int(round((value - base) * scale))
-            if coef:
-                objective.append(coef * x[v][i])
-    edge_hints = []
+        allowed = problem.allowed[v] if problem.allowed[v] is not None else np.ones(len(c), bool)
+        x = rows.add_variables(len(c), integral=True, cost=scale * (c - c.min()), upper=allowed.astype(float),
+                               start=np.arange(len(c)) == hint[v])
+        assert x[0] == offsets[v]
+        rows.add_row(x, np.ones(len(c)), lower=1.0, upper=1.0)
     for (a, b), m in problem.edge_cost.items():
-        # Only allowed choices take part; choices with equal rows (columns) of the cost matrix form
-        # one class, so an edge costs (row classes x column classes) variables, not (choices^2).
-        live_a = np.nonzero(problem.allowed[a])[0] if problem.allowed[a] is not None else np.arange(m.shape[0])
-        live_b = np.nonzero(problem.allowed[b])[0] if problem.allowed[b] is not None else np.arange(m.shape[1])
-        sub = m[np.ix_(live_a, live_b)]
-        rows, row_class = np.unique(sub, axis=0, return_inverse=True)
-        cols, col_class = np.unique(rows, axis=1, return_inverse=True)
-        row_class, col_class = row_class.reshape(-1), col_class.reshape(-1)
-        if not cols.any():
-            continue
-        row_sum = [[] for _ in range(cols.shape[0])]
-        for i, r in zip(live_a, row_class):
-            row_sum[r].append(x[a][int(i)])
-        col_sum = [[] for _ in range(cols.shape[1])]
-        for j, c in zip(live_b, col_class):
-            col_sum[c].append(x[b][int(j)])
-        hint_row = int(row_class[np.searchsorted(live_a, hint[a])]) if hint[a] in live_a else -1
-        hint_col = int(col_class[np.searchsorted(live_b, hint[b])]) if hint[b] in live_b else -1
-        e = [[model.NewBoolVar("") for _ in range(cols.shape[1])] for _ in range(cols.shape[0])]
-        for r in range(cols.shape[0]):
-            model.Add(sum(e[r]) == sum(row_sum[r]))
-        for c in range(cols.shape[1]):
-            model.Add(sum(e[r][c] for r in range(cols.shape[0])) == sum(col_sum[c]))
-        for r in range(cols.shape[0]):
-            for c in range(cols.shape[1]):
-                coef = int(round(float(cols[r, c]) * scale))
-                if coef:
-                    objective.append(coef * e[r][c])
-        # A complete hint (edge variables too) is a solution CP-SAT can load without searching.
-        for r in range(cols.shape[0]):
-            for c in range(cols.shape[1]):
-                edge_hints.append(((e[r][c],), int(r == hint_row and c == hint_col)))
+        _add_edge(rows, problem, a, b, m, offsets, hint, scale)
     # Fixed charge: a group's latency is paid once if any choice uses it.
-    group_used = {g: model.NewBoolVar(f"g{g}") for g in problem.group_latency}
+    hinted_groups = used_groups(problem, hint)
+    group_var = {g: int(rows.add_variables(1, integral=False, cost=scale * latency, start=g in hinted_groups)[0])
+                 for g, latency in problem.group_latency.items()}
     for v, groups in enumerate(problem.var_groups):
         for g, mask in groups.items():
-            model.Add(sum(x[v][int(i)] for i in np.nonzero(mask)[0]) <= group_used[g])
-    for g, latency in problem.group_latency.items():
-        coef = int(round(latency * scale))
-        if coef:
-            objective.append(coef * group_used[g])
+            chosen = offsets[v] + np.nonzero(mask)[0]
+            rows.add_row(np.append(chosen, group_var[g]), np.append(np.ones(len(chosen)), -1.0), upper=0.0)
+    # Memory rows in units of a ten-millionth of the budget (CP-SAT rounds each coefficient up).
     mem_unit = max(1.0, (options.memory_budget or 1.0) / 1e7)
-    mem_exprs = []
+    if minimize_memory:
+        peak = int(rows.add_variables(1, integral=False, cost=1.0, upper=math.inf,
+                                      start=memory_profile(problem, hint).max() / mem_unit)[0])
     for point in points:
         terms = _memory_terms(problem, point, vectors, intervals)
-        expr = []
-        for v, vec in terms.items():
-            for i, b in enumerate(vec):
-                q = int(math.ceil(b / mem_unit))
-                if q:
-                    expr.append(q * x[v][i])
-        mem_exprs.append(expr)
-    if minimize_memory:
-        peak = model.NewIntVar(0, 1 << 50, "peak")
-        for expr in mem_exprs:
-            model.Add(sum(expr) <= peak)
-        model.Minimize(peak)
-    else:
-        limit = int(math.floor(options.memory_budget / mem_unit)) if options.memory_budget is not None else None
-        for expr in mem_exprs:
-            model.Add(sum(expr) <= limit)
-        model.Minimize(sum(objective))
-    for v, lits in enumerate(x):
-        for i, lit in enumerate(lits):
-            model.AddHint(lit, int(hint[v] == i))
-    for (var,), value in edge_hints:
-        model.AddHint(var, value)
-    hinted_groups = used_groups(problem, hint)
-    for g, var in group_used.items():
-        model.AddHint(var, int(g in hinted_groups))
-    solver, result = _solve(model, options)
-    if result not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        if result == cp_model.UNKNOWN and not minimize_memory:
+        index = np.concatenate([offsets[v] + np.arange(len(vec)) for v, vec in terms.items()])
+        coefficients = np.concatenate(list(terms.values())) / mem_unit
+        if minimize_memory:
+            rows.add_row(np.append(index, peak), np.append(coefficients, -1.0), upper=0.0)
+        else:
+            rows.add_row(index, coefficients, upper=math.floor(options.memory_budget / mem_unit)
+                         if options.memory_budget is not None else math.inf)
+    result = milp.solve(rows.build(), solver=options.solver, time_limit=options.time_limit,
+                        num_workers=options.num_workers, params=options.solver_params)
+    if result.values is None:
+        if result.status == "unknown" and not minimize_memory:
             # Out of time before any solution: fall back on the warm start if it fits.
             fits = options.memory_budget is None or memory_profile(problem, hint).max() <= options.memory_budget
             if fits:
@@ -865,41 +805,47 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
             raise PlanningError(f"the ILP found no plan within its {options.time_limit:g} s time limit; "
                                 "raise time_limit")
         return None, "infeasible"
-    status = "optimal" if result == cp_model.OPTIMAL else "feasible"
-    if status == "feasible" and not minimize_memory:
+    if result.status == "feasible" and not minimize_memory:
         warnings.warn(f"autoplan: the ILP hit its {options.time_limit:.0f} s time limit; returning the best plan "
-                      f"found (within {100 * _gap(solver):.1f}% of the bound). Raise time_limit for a better plan.",
+                      f"found (within {100 * result.gap:.1f}% of the bound). Raise time_limit for a better plan.",
                       PlanningTimeoutWarning, stacklevel=4)
-    choice = np.array([next(i for i, lit in enumerate(lits) if solver.Value(lit)) for lits in x], dtype=np.int64)
+    choice = np.array([int(np.argmax(result.values[offsets[v]:offsets[v + 1]]))
+                       for v in range(len(problem.num_choices))], dtype=np.int64)
     if minimize_memory:
-        return choice, float(solver.Value(peak)) * mem_unit
-    return choice, status
+        return choice, float(result.values[peak]) * mem_unit
+    return choice, result.status
 
 
-def _solve(model: cp_model.CpModel, options: SolveOptions) -> tuple[cp_model.CpSolver, int]:
-    """One CP-SAT solve with every linear constraint in its LP (``linearization_level=2``).
+def _add_edge(rows: milp.Rows, problem: Problem, a: int, b: int, m: np.ndarray, offsets, hint, scale) -> None:
+    """Alpa's linearized edge: a variable per (row class, column class), summing to the two choices.
 
-    The default LP (level 1) proves some small steps optimal a little faster (gpt-small: 1.3x;
-    GPT-2 48 layers on 8x8: 9.2 vs 10.9 s) but on benchmark-size steps it stalls with a weak
-    bound: a GShard MoE at d=1024 stopped at 37.0 ms feasible after 60 s with a 93% gap, where
-    the full LP proves 29.0 ms optimal in 50 s.  Level 1 for 15 s and then level 2 from its
-    best did not get there within the same 60 s.  One worker keeps plans deterministic;
-    CP-SAT's presolve costs more than it saves on these one-hot models.
+    Only allowed choices take part; choices with equal rows (columns) of the cost matrix form one
+    class, so an edge costs (row classes x column classes) variables, not (choices^2).
     """
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = options.time_limit
-    solver.parameters.num_workers = options.num_workers
-    solver.parameters.random_seed = 0
-    solver.parameters.cp_model_presolve = False
-    solver.parameters.linearization_level = 2
-    for key, value in (options.solver_params or {}).items():
-        setattr(solver.parameters, key, value)
-    return solver, solver.Solve(model)
-
-
-def _gap(solver) -> float:
-    obj, bound = solver.ObjectiveValue(), solver.BestObjectiveBound()
-    return abs(obj - bound) / max(abs(obj), 1e-12)
+    live_a = np.nonzero(problem.allowed[a])[0] if problem.allowed[a] is not None else np.arange(m.shape[0])
+    live_b = np.nonzero(problem.allowed[b])[0] if problem.allowed[b] is not None else np.arange(m.shape[1])
+    sub = m[np.ix_(live_a, live_b)]
+    classes, row_class = np.unique(sub, axis=0, return_inverse=True)
+    classes, col_class = np.unique(classes, axis=1, return_inverse=True)
+    row_class, col_class = row_class.reshape(-1), col_class.reshape(-1)
+    if not classes.any():
+        return
+    num_rows, num_cols = classes.shape
+    hint_row = row_class[np.searchsorted(live_a, hint[a])] if hint[a] in live_a else -1
+    hint_col = col_class[np.searchsorted(live_b, hint[b])] if hint[b] in live_b else -1
+    start = np.zeros((num_rows, num_cols))
+    if hint_row >= 0 and hint_col >= 0:
+        start[hint_row, hint_col] = 1.0  # a complete warm start CP-SAT can load without searching
+    edge = rows.add_variables(num_rows * num_cols, integral=False, cost=scale * classes.reshape(-1),
+                              start=start.reshape(-1)).reshape(num_rows, num_cols)
+    for r in range(num_rows):
+        chosen = offsets[a] + live_a[row_class == r]
+        rows.add_row(np.concatenate([edge[r], chosen]), np.concatenate([np.ones(num_cols), -np.ones(len(chosen))]),
+                     lower=0.0, upper=0.0)
+    for c in range(num_cols):
+        chosen = offsets[b] + live_b[col_class == c]
+        rows.add_row(np.concatenate([edge[:, c], chosen]), np.concatenate([np.ones(num_rows), -np.ones(len(chosen))]),
+                     lower=0.0, upper=0.0)
 
 
 def minimum_memory(problem: Problem, options: SolveOptions, vectors=None, intervals=None) -> float:
