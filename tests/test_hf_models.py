@@ -3,10 +3,12 @@
 Random-init tiny configs from `benchmarks/workloads.py` (BERT, T5, GPT-Neo, Mistral, ViT), SGD so that
 float noise is not amplified.  Each plans on a 2x4 mesh with no fallback warning, gives the layers that
 transformers numbers 0, 1, ... the same specs, and trains 3 steps to single-device `jax.jit`'s numbers.
-Planned for the "cpu" preset: at this size an A100 plan is fully replicated (nothing to check), while
-on slow devices the batch splits over all eight and the gradients are reduced.
+Planned for the "cpu" preset: at this size an A100 plan is fully replicated, while on slow devices the
+batch splits over all eight and the gradients are reduced.  The same models at benchmark size (d=1024,
+abstract arguments) are planned where their weights split, to check equal layers there.
 """
 
+import dataclasses
 import os
 import re
 import sys
@@ -61,3 +63,26 @@ def test_hugging_face_model_plans_alike_per_layer_and_trains_like_jit(name):
     for key, members in groups.items():
         specs = {str(spec) for _, spec in members}
         assert len(specs) == 1, f"{name}: {key} planned differently per layer: {members}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_hugging_face_model_at_benchmark_size_splits_its_layers_alike(name):
+    """At d=1024 on a 4x2 mesh of 4-GPU nodes the plans split weights, so equal specs per layer mean something.
+
+    (On 2x4 the same planner gives T5's block 0, which alone holds the relative position bias, and
+    GPT-Neo's alternating global and local attention layers layouts of their own: those layers differ.)
+    """
+    w = workloads.get(name, "bench", optimizer="sgd")
+    cluster = dataclasses.replace(autoplan.clusters["a100-8x"], name="a100-4x", devices_per_node=4)
+    mesh = jax.sharding.AbstractMesh((4, 2), ("data", "model"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", autoplan.UnsupportedPrimitiveWarning)
+        plan = autoplan.plan(w.train_step, *w.abstract_args(), mesh=mesh, cluster=cluster)
+    param_specs = plan.input_shardings[0]
+    specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, jax.P))
+    split = [spec for spec in specs if any(axes is not None for axes in spec)]
+    assert len(split) >= len(specs) // 4, f"{name}: {len(split)} of {len(specs)} weights split"
+    groups = _layer_groups(param_specs)
+    assert len(groups) >= 4
+    for key, members in groups.items():
+        assert len({str(spec) for _, spec in members}) == 1, f"{name}: {key} planned differently per layer: {members}"
