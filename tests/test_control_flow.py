@@ -66,9 +66,28 @@ def test_while_trip_count_seen_or_defaulted_with_a_warning():
     def dynamic(x):
         return jax.lax.while_loop(lambda c: c.sum() < 100.0, lambda c: c * 2, x)
 
-    with pytest.warns(T.DynamicTripCountWarning, match=r"test_control_flow.py:\d+"):
+    with pytest.warns(T.DynamicTripCountWarning, match=r"test_control_flow.py:\d+.*Pass trip_count="):
         graph = T.trace(dynamic, jnp.ones((8,)))
     assert {op.repeat for op in graph.ops if op.primitive == "mul"} == {T.DEFAULT_WHILE_TRIP_COUNT}
+
+    # The trip_count= hint: no warning, and the body is priced that many times.
+    def dynamic_matmul(w, x):
+        return jax.lax.while_loop(lambda c: c.sum() < 100.0, lambda c: jnp.tanh(c @ w), x).sum()
+
+    w, x = jax.ShapeDtypeStruct((512, 512), jnp.float32), jax.ShapeDtypeStruct((512, 512), jnp.float32)
+    one_device = jax.sharding.AbstractMesh((1,), ("data",))  # nothing to split: compute is the body's times n
+    compute = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", T.DynamicTripCountWarning)
+        for count in (3, 6, 9):
+            compute[count] = autoplan.plan(dynamic_matmul, w, x, mesh=one_device, cluster=CLUSTER,
+                                           trip_count=count).cost.compute_seconds
+    matmul = 2 * 512**3 / autoplan.clusters[CLUSTER].flops_for(("float32", "float32"), None)
+    # Each 3 more trips add the same time: 3 matmuls and the tanh and test around them.
+    assert compute[9] - compute[6] == pytest.approx(compute[6] - compute[3], rel=1e-9)
+    assert 3 * matmul < compute[6] - compute[3] < 3 * 2 * matmul
+    with pytest.raises(ValueError, match="trip_count must be a positive int"):
+        autoplan.autoparallel(dynamic_matmul, trip_count=0)
 
 
 def test_cond_plans_the_dearest_branch():

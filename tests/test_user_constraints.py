@@ -122,3 +122,62 @@ def test_shard_map_region_takes_its_specs_and_pays_its_collectives():
     assert (psum.kind, psum.axes, psum.nbytes) == ("all-reduce", ("model",), 8 * 16 * 4)
     program = E.emit(plan, graph)
     np.testing.assert_allclose(float(program(w, x)), float(jax.jit(step)(w, x)), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Operators autoplan cannot see into: replicated, warned about with the user's line, never priced as cheap.
+
+
+def _kernel_step(cost_estimate):
+    from jax.experimental import pallas as pl
+
+    def double_tanh(x_ref, o_ref):
+        o_ref[...] = jnp.tanh(x_ref[...]) * 2
+
+    def step(w, x):
+        h = x @ w
+        y = pl.pallas_call(double_tanh, out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype), interpret=True,
+                           cost_estimate=cost_estimate)(h)  # the kernel
+        return y.sum()
+
+    return step
+
+
+def test_pallas_call_is_priced_from_its_cost_estimate():
+    from jax.experimental import pallas as pl
+
+    args = (jax.ShapeDtypeStruct((256, 256), jnp.float32), jax.ShapeDtypeStruct((512, 256), jnp.float32))
+    cluster = autoplan.clusters["a100-8x"]
+    compute = {}
+    for tflops in (1, 3):
+        estimate = pl.CostEstimate(flops=tflops * 10**12, transcendentals=0, bytes_accessed=10**6)
+        with pytest.warns(autoplan.UnsupportedPrimitiveWarning,
+                          match=r"'pallas_call' \(at .*test_user_constraints.py:\d+ .*priced from its cost_estimate"):
+            plan = autoplan.plan(_kernel_step(estimate), *args, mesh=MESH, cluster=cluster)
+        kernel, = (op.id for op in T.trace(_kernel_step(estimate), *args).ops if op.primitive == "pallas_call")
+        assert plan.op_strategies[kernel] == "replicated"
+        compute[tflops] = plan.cost.compute_seconds
+    # Two more TFLOP at the device's headline rate, on every device (the kernel runs replicated).
+    assert compute[3] - compute[1] == pytest.approx(2e12 / cluster.device_flops, rel=1e-9)
+
+
+def test_opaque_operators_without_an_estimate_are_priced_from_the_jaxpr_they_carry():
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    @custom_partitioning
+    def fused(x, w):
+        return jnp.tanh(x @ w)
+
+    def partition(mesh, arg_shapes, result_shape):
+        replicated = NamedSharding(mesh, P())
+        return mesh, (lambda x, w: jnp.tanh(x @ w)), replicated, (replicated, replicated)
+
+    fused.def_partition(partition=partition, sharding_rule="i j, j k -> i k",
+                        infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape: NamedSharding(mesh, P()))
+    cluster = autoplan.clusters["a100-8x"]
+    x, w = jax.ShapeDtypeStruct((4096, 4096), jnp.float32), jax.ShapeDtypeStruct((4096, 4096), jnp.float32)
+    with pytest.warns(autoplan.UnsupportedPrimitiveWarning,
+                      match=r"'custom_partitioning' \(at .*test_user_constraints.py:\d+ .*FLOPs of the jaxpr"):
+        plan = autoplan.plan(lambda x, w: fused(x, w).sum(), x, w, mesh=MESH, cluster=cluster)
+    matmul = 2 * 4096**3 / cluster.device_flops  # replicated: every device runs the whole product
+    assert matmul <= plan.cost.compute_seconds <= 1.1 * matmul

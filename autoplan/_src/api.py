@@ -257,7 +257,7 @@ def pinned_inputs(graph: G.Graph, in_shardings, mesh: C.MeshShape) -> dict[int, 
 def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluster | str | None = None,
          memory_budget: float | None = None, time_limit: float = 60.0, static_argnums: Sequence[int] = (),
          in_shardings=None, stages: int | None = None, microbatches: int | None = None,
-         schedule: str | None = None) -> P.Plan:
+         schedule: str | None = None, trip_count: int | None = None) -> P.Plan:
     """Plan ``fn(*args)`` on a mesh: how to split every input, output and key intermediate.
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s; ``mesh`` a
@@ -271,7 +271,8 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     or `NamedSharding`; ``autoplan.AUTO`` or None leaves them to the planner).
     Any of ``stages``, ``microbatches`` (the batch is the last argument) or
     ``schedule`` ("gpipe", "1f1b", "interleaved") plans a pipeline with the
-    stage DP of `autoplan._src.inter`, pinning what is given.
+    stage DP of `autoplan._src.inter`, pinning what is given.  ``trip_count``
+    prices every while loop whose trip count JAX cannot see (`trace.trip_count_hint`).
 
     >>> import jax, jax.numpy as jnp, autoplan
     >>> w = jax.ShapeDtypeStruct((1024, 1024), jnp.float32)
@@ -280,39 +281,40 @@ def plan(fn, *args, mesh=None, num_devices: int | None = None, cluster: C.Cluste
     >>> p.mesh.size
     8
     """
-    refuse_graph_objects(fn, args, static_argnums)
-    cluster, cluster_origin = C.resolve_cluster(cluster)
-    meshes = resolve_mesh(mesh, num_devices)
-    budget = cluster.device_memory if memory_budget is None else float(memory_budget)
-    if budget <= 0:
-        raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
-    if stages is not None or microbatches is not None or schedule is not None:
-        from autoplan._src import inter
+    with T.trip_count_hint(trip_count):
+        refuse_graph_objects(fn, args, static_argnums)
+        cluster, cluster_origin = C.resolve_cluster(cluster)
+        meshes = resolve_mesh(mesh, num_devices)
+        budget = cluster.device_memory if memory_budget is None else float(memory_budget)
+        if budget <= 0:
+            raise ValueError(f"memory_budget must be positive, got {memory_budget!r}")
+        if stages is not None or microbatches is not None or schedule is not None:
+            from autoplan._src import inter
 
-        if mesh is not None and num_devices is not None:
-            raise ValueError("pass either mesh= or num_devices=, not both")
-        return inter.plan_pipeline(fn, *args, mesh=mesh, num_devices=num_devices, cluster=cluster,
-                                   memory_budget=budget, stages=stages, microbatches=microbatches,
-                                   schedule=schedule, time_limit=time_limit, static_argnums=static_argnums)
-    start = time.perf_counter()
-    graph = T.trace(fn, *args, static_argnums=static_argnums)
-    trace_seconds = time.perf_counter() - start
-    best, errors = None, []
-    for candidate in meshes:
-        try:
-            result = plan_graph(graph, candidate, cluster, memory_budget=budget, time_limit=time_limit,
-                                trace_seconds=trace_seconds,
-                                pinned=pinned_inputs(graph, in_shardings, candidate))
-        except intra.PlanningError as err:
-            errors.append(err)
-            continue
-        if best is None or result.cost.step_seconds < best.cost.step_seconds:
-            best = result
-    if best is None:
-        raise errors[0] if len(errors) == 1 else intra.PlanningError(
-            "no mesh shape admits a plan: " + "; ".join(str(e) for e in errors))
-    best = no_worse_than_baselines(best, fn, args, static_argnums, budget, in_shardings)
-    return dataclasses.replace(best, cluster_origin=cluster_origin)
+            if mesh is not None and num_devices is not None:
+                raise ValueError("pass either mesh= or num_devices=, not both")
+            return inter.plan_pipeline(fn, *args, mesh=mesh, num_devices=num_devices, cluster=cluster,
+                                       memory_budget=budget, stages=stages, microbatches=microbatches,
+                                       schedule=schedule, time_limit=time_limit, static_argnums=static_argnums)
+        start = time.perf_counter()
+        graph = T.trace(fn, *args, static_argnums=static_argnums)
+        trace_seconds = time.perf_counter() - start
+        best, errors = None, []
+        for candidate in meshes:
+            try:
+                result = plan_graph(graph, candidate, cluster, memory_budget=budget, time_limit=time_limit,
+                                    trace_seconds=trace_seconds,
+                                    pinned=pinned_inputs(graph, in_shardings, candidate))
+            except intra.PlanningError as err:
+                errors.append(err)
+                continue
+            if best is None or result.cost.step_seconds < best.cost.step_seconds:
+                best = result
+        if best is None:
+            raise errors[0] if len(errors) == 1 else intra.PlanningError(
+                "no mesh shape admits a plan: " + "; ".join(str(e) for e in errors))
+        best = no_worse_than_baselines(best, fn, args, static_argnums, budget, in_shardings)
+        return dataclasses.replace(best, cluster_origin=cluster_origin)
 
 
 def no_worse_than_baselines(best: P.Plan, fn, args, static_argnums, budget: float, in_shardings=None) -> P.Plan:

@@ -41,8 +41,10 @@ class AutoParallel:
                  memory_budget: float | None = None, static_argnums: Sequence[int] | int = (),
                  donate: bool = True, time_limit: float = 60.0, planner: Planner | None = None,
                  plan: P.Plan | None = None, stages: int | None = None, microbatches: int | None = None,
-                 schedule: str | None = None, in_shardings=None):
+                 schedule: str | None = None, in_shardings=None, trip_count: int | None = None):
         functools.update_wrapper(self, fun)
+        T.check_trip_count(trip_count)
+        self._trip_count = trip_count
         self._in_shardings = in_shardings
         self._pipeline = {k: v for k, v in dict(stages=stages, microbatches=microbatches, schedule=schedule).items()
                           if v is not None}
@@ -113,7 +115,8 @@ class AutoParallel:
         signature = _Signature(tree=tree, leaves=tuple(_leaf_signature(x) for x in leaves), static=static)
         program = self._programs.get(signature)
         if program is None:
-            program = self._build(args)
+            with T.trip_count_hint(self._trip_count):
+                program = self._build(args)
             self._programs[signature] = program
             self._tree = tree
         self._last = program
@@ -174,7 +177,7 @@ def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster |
                  memory_budget: float | None = None, static_argnums: Sequence[int] | int = (),
                  donate: bool = True, time_limit: float = 60.0, planner: Planner | None = None,
                  plan: P.Plan | None = None, stages: int | None = None, microbatches: int | None = None,
-                 schedule: str | None = None, in_shardings=None):
+                 schedule: str | None = None, in_shardings=None, trip_count: int | None = None):
     """Plan, compile and run a training step over a device mesh, like ``jax.jit`` with shardings.
 
     Use it bare (``@autoparallel``: every local device on one "data" axis) or
@@ -190,7 +193,8 @@ def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster |
     ``autoplan.baselines.fsdp``; ``plan`` runs a fixed Plan (e.g. one loaded
     from JSON), refused if it was made for another step.  ``in_shardings``
     (a prefix of the arguments, as for `autoplan.plan`) pins those leaves'
-    layouts.  ``stages``, ``microbatches`` and ``schedule`` pin the
+    layouts; ``trip_count`` prices while loops whose trip count JAX cannot see
+    (as for `autoplan.plan`).  ``stages``, ``microbatches`` and ``schedule`` pin the
     inter-operator pass (see
     `autoplan.plan`); a plan with one stage runs as gradient accumulation over
     the microbatches, one with several as a pipeline of the step as written
@@ -217,7 +221,8 @@ def autoparallel(fun: Callable | None = None, *, mesh=None, cluster: C.Cluster |
     """
     options = dict(mesh=mesh, cluster=cluster, memory_budget=memory_budget, static_argnums=static_argnums,
                    donate=donate, time_limit=time_limit, planner=planner, plan=plan, stages=stages,
-                   microbatches=microbatches, schedule=schedule, in_shardings=in_shardings)
+                   microbatches=microbatches, schedule=schedule, in_shardings=in_shardings,
+                   trip_count=trip_count)
     if fun is None:
         return functools.partial(AutoParallel, **options)
     return AutoParallel(fun, **options)

@@ -22,6 +22,8 @@ without module names gets layers from the list indices in its parameter paths
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import math
@@ -330,12 +332,15 @@ class _Builder:
         jaxpr, consts = compat.open_jaxpr(params["body_jaxpr"])
         trip_count = _while_trip_count(eqn)
         if trip_count is None:
+            trip_count = _TRIP_COUNT_HINT.get()
+        if trip_count is None:
             trip_count = DEFAULT_WHILE_TRIP_COUNT
             warnings.warn(
                 f"autoplan cannot see the trip count of the while loop at {compat.source_summary(eqn.source_info)}"
                 f"; its body is priced as running {DEFAULT_WHILE_TRIP_COUNT} times "
-                "(autoplan.trace.DEFAULT_WHILE_TRIP_COUNT). Use lax.fori_loop or lax.scan with static bounds "
-                "for an exact count.", DynamicTripCountWarning, stacklevel=2)
+                "(autoplan.trace.DEFAULT_WHILE_TRIP_COUNT). Pass trip_count= to autoplan.plan or autoparallel "
+                "with the count you expect, or use lax.fori_loop or lax.scan with static bounds.",
+                DynamicTripCountWarning, stacklevel=2)
         body_in = invals[n_cond:]
         kinds = ["const"] * n_body + ["carry"] * (len(body_in) - n_body)
         return self.loop(eqn, key, stack, jaxpr, consts, body_in, kinds, trip_count)
@@ -376,6 +381,36 @@ def _jaxpr_work(jaxpr) -> float:
                 if isinstance(sub, (compat.ClosedJaxpr, compat.Jaxpr)):
                     total += times * _jaxpr_work(compat.open_jaxpr(sub)[0])
     return total
+
+
+def check_trip_count(count) -> None:
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(f"trip_count must be a positive int (the runs of a while loop's body), got {count!r}")
+
+
+_TRIP_COUNT_HINT: contextvars.ContextVar[int | None] = contextvars.ContextVar("trip_count", default=None)
+
+
+@contextlib.contextmanager
+def trip_count_hint(count: int | None):
+    """Within this block, a while loop whose trip count JAX cannot see is priced as running ``count`` times.
+
+    The ``trip_count=`` of `autoplan.plan` and `autoparallel`; None keeps the default and its warning.
+
+    >>> import jax, jax.numpy as jnp
+    >>> def halve(x):
+    ...     return jax.lax.while_loop(lambda c: c.sum() > 1.0, lambda c: c / 2, x)
+    >>> with trip_count_hint(12):
+    ...     graph = trace(halve, jnp.ones(4))
+    >>> {op.repeat for op in graph.ops if op.primitive == "div"}
+    {12}
+    """
+    check_trip_count(count)
+    token = _TRIP_COUNT_HINT.set(count)
+    try:
+        yield
+    finally:
+        _TRIP_COUNT_HINT.reset(token)
 
 
 def _while_trip_count(eqn) -> int | None:

@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from autoplan._src import cluster as C
+from autoplan._src import compat
 from autoplan._src import graph as G
 
 Spec = tuple[tuple[str, ...], ...]
@@ -154,11 +155,50 @@ class UnsupportedPrimitiveWarning(UserWarning):
 
 
 def replicated_strategy(op: G.Op, ctx: Context, name: str = "replicated") -> Strategy:
-    flops = sum(math.prod(s) for s in op.output_shapes)
     return Strategy(name=name, output_specs=tuple(replicated(len(s)) for s in op.output_shapes),
                     input_specs=tuple(replicated(len(s)) if t != G.LITERAL else None
                                       for t, s in zip(op.inputs, op.input_shapes)),
-                    compute_seconds=ctx.compute(flops, 1))
+                    compute_seconds=opaque_seconds(op, ctx))
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """FLOPs of a jaxpr: 2 per multiply-add of a dot, one per result element elsewhere, sub-jaxprs included."""
+    flops = 0.0
+    for eqn in jaxpr.eqns:
+        out_sizes = [math.prod(compat.aval_shape_dtype(v)[0]) for v in eqn.outvars]
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = compat.aval_shape_dtype(eqn.invars[0])[0]
+            flops += 2.0 * sum(out_sizes) * math.prod(lhs[d] for d in contract)
+        else:
+            flops += sum(out_sizes)
+        for value in eqn.params.values():
+            if isinstance(value, (compat.ClosedJaxpr, compat.Jaxpr)):
+                flops += jaxpr_flops(compat.open_jaxpr(value)[0])
+    return flops
+
+
+def opaque_seconds(op: G.Op, ctx: Context) -> float:
+    """Replicated run time of an operator autoplan has no rule for, priced conservatively.
+
+    A ``pallas_call``'s ``cost_estimate`` is taken as given; otherwise the FLOPs of the jaxpr the
+    operator carries (a Pallas kernel's body times its grid, a ``custom_partitioning``'s
+    implementation), else one per result element.  Never less than the time to read its operands
+    and write its results once.
+    """
+    estimate = op.params.get("cost_estimate")
+    nbytes = sum(math.prod(s) * G.itemsize(d) for s, d in zip(op.input_shapes + op.output_shapes,
+                                                              op.input_dtypes + op.output_dtypes))
+    if estimate is not None and getattr(estimate, "flops", None) is not None:
+        flops = float(estimate.flops) + float(getattr(estimate, "transcendentals", 0) or 0)
+        nbytes = max(nbytes, float(getattr(estimate, "bytes_accessed", 0) or 0))
+    else:
+        bodies = [compat.open_jaxpr(v)[0] for v in op.params.values() if isinstance(v, (compat.ClosedJaxpr, compat.Jaxpr))]
+        grid = getattr(op.params.get("grid_mapping"), "grid", ()) or ()
+        repeats = math.prod(g for g in grid if isinstance(g, int))
+        flops = repeats * sum(jaxpr_flops(body) for body in bodies)
+        flops = max(flops, float(sum(math.prod(s) for s in op.output_shapes)))
+    return max(ctx.compute(flops, 1), nbytes / ctx.cluster.memory_bandwidth)
 
 
 def strategies_for(op: G.Op, ctx: Context, warned: set[str] | None = None,
@@ -175,8 +215,8 @@ def strategies_for(op: G.Op, ctx: Context, warned: set[str] | None = None,
                 warned.add(op.primitive)
             warnings.warn(
                 f"autoplan has no sharding rule for primitive '{op.primitive}' (at {op.source}, layer "
-                f"{op.layer or '<top>'}); it will run replicated. Register one with "
-                "autoplan.register_strategy to let the planner split it.",
+                f"{op.layer or '<top>'}); it will run replicated, priced {_opaque_pricing(op)}. Register a rule "
+                "with autoplan.register_strategy to let the planner split it.",
                 UnsupportedPrimitiveWarning, stacklevel=3)
         return [replicated_strategy(op, ctx)]
     result = rule(op, ctx)
@@ -185,6 +225,14 @@ def strategies_for(op: G.Op, ctx: Context, warned: set[str] | None = None,
     if op.role not in (G.INPUT, G.OUTPUT, G.CONSTANT):
         result = [with_memory_traffic(s, op, ctx, traffic) for s in result]
     return _dedupe(result)
+
+
+def _opaque_pricing(op: G.Op) -> str:
+    if getattr(op.params.get("cost_estimate"), "flops", None) is not None:
+        return "from its cost_estimate"
+    if any(isinstance(v, (compat.ClosedJaxpr, compat.Jaxpr)) for v in op.params.values()):
+        return "from the FLOPs of the jaxpr it carries"
+    return "as one FLOP per result element"
 
 
 # Primitives whose operands and result share one layout (the elementwise rule).

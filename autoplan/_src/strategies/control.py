@@ -22,7 +22,7 @@ import math
 from autoplan._src import compat
 from autoplan._src import graph as G
 from autoplan._src.strategies.base import (
-    Context, Strategy, enumerate_specs, from_partition_spec, register_strategy, spec_name)
+    Context, Strategy, enumerate_specs, from_partition_spec, jaxpr_flops, register_strategy, spec_name)
 
 
 class UserShardingError(ValueError):
@@ -76,17 +76,13 @@ _BODY_COLLECTIVES = {"psum": "all-reduce", "psum_invariant": "all-reduce", "all_
 
 def _body_costs(jaxpr, ctx: Context) -> tuple[float, list]:
     """FLOPs and collectives of a shard_map body (per device)."""
-    flops, collectives = 0.0, []
+    return jaxpr_flops(jaxpr), _body_collectives(jaxpr, ctx)
+
+
+def _body_collectives(jaxpr, ctx: Context) -> list:
+    collectives = []
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        out_sizes = [math.prod(compat.aval_shape_dtype(v)[0]) for v in eqn.outvars]
-        if name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = compat.aval_shape_dtype(eqn.invars[0])[0]
-            flops += 2.0 * sum(out_sizes) * math.prod(lhs[d] for d in contract)
-        else:
-            flops += sum(out_sizes)
-        kind = _BODY_COLLECTIVES.get(name)
+        kind = _BODY_COLLECTIVES.get(eqn.primitive.name)
         if kind is not None:
             axes = eqn.params.get("axes", eqn.params.get("axis_name", ()))
             axes = (axes,) if isinstance(axes, str) else tuple(a for a in axes if isinstance(a, str))
@@ -98,10 +94,8 @@ def _body_costs(jaxpr, ctx: Context) -> tuple[float, list]:
                 collectives.append(col)
         for value in eqn.params.values():
             if isinstance(value, (compat.ClosedJaxpr, compat.Jaxpr)):
-                sub_flops, sub_cols = _body_costs(compat.open_jaxpr(value)[0], ctx)
-                flops += sub_flops
-                collectives += sub_cols
-    return flops, collectives
+                collectives += _body_collectives(compat.open_jaxpr(value)[0], ctx)
+    return collectives
 
 
 @register_strategy("shard_map")
