@@ -155,7 +155,7 @@ def _relaxation(program: Program, time_limit: float, params: Mapping[str, object
 def _solve_cp_sat(program: Program, time_limit: float, num_workers: int, params: Mapping[str, object]) -> Result:
     """The same rows over integers: costs scaled and rounded, ``<=`` rows rounded conservatively."""
     model = cp_model.CpModel()
-    variables = [model.NewBoolVar("") if bound <= 1 else model.NewIntVar(0, int(math.ceil(bound)), "")
+    variables = [model.NewBoolVar("") if bound <= 1 else model.NewIntVar(0, int(math.ceil(min(bound, 2.0**50))), "")
                  for bound in program.upper]
     matrix = program.matrix
     for row in range(matrix.shape[0]):
@@ -171,8 +171,10 @@ def _solve_cp_sat(program: Program, time_limit: float, num_workers: int, params:
         if np.isfinite(lower):
             raise ValueError("CP-SAT rows with fractional coefficients must be upper bounds only")
         model.Add(sum(int(math.ceil(c)) * variables[j] for j, c in zip(cols, coefs)) <= int(math.floor(upper)))
-    largest = float(np.abs(program.cost).sum()) or 1.0
-    scale = _CP_SAT_SCALE / largest
+    if np.all(program.cost == np.round(program.cost)):
+        scale = 1.0  # integer costs (a peak in memory units) stay as they are: scaling could overflow
+    else:
+        scale = _CP_SAT_SCALE / (float(np.abs(program.cost).sum()) or 1.0)
     model.Minimize(sum(int(round(c * scale)) * variables[j] for j, c in enumerate(program.cost) if round(c * scale)))
     for var, value in zip(variables, program.start):
         model.AddHint(var, int(round(value)))
