@@ -26,7 +26,6 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
-import math
 import re
 import warnings
 from collections import Counter
@@ -349,7 +348,7 @@ class _Builder:
         """Plan the dearest branch (by FLOPs and bytes): the one layout at the boundary serves every
         branch, and the step is priced as if that branch always ran."""
         branches = eqn.params["branches"]
-        chosen = max(range(len(branches)), key=lambda b: (_jaxpr_work(branches[b].jaxpr), -b))
+        chosen = max(range(len(branches)), key=lambda b: (walk.jaxpr_flops(branches[b].jaxpr), -b))
         jaxpr, consts = compat.open_jaxpr(branches[chosen])
         in_avals = [compat.aval_shape_dtype(v) for v in jaxpr.invars]
         args = self.boundary("loop_in", ["value"] * len(in_avals), invals[1:], in_avals, eqn, key, stack)
@@ -364,23 +363,6 @@ class _Builder:
 _BOUNDARIES = ("loop_in", "loop_out")
 
 
-def _jaxpr_work(jaxpr) -> float:
-    """FLOPs of dots plus elements written by everything else (loops times their trip count)."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        sizes = [math.prod(compat.aval_shape_dtype(v)[0]) for v in eqn.outvars]
-        if eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = compat.aval_shape_dtype(eqn.invars[0])[0]
-            total += 2.0 * sum(sizes) * math.prod(lhs[d] for d in contract)
-        else:
-            total += sum(sizes)
-        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple) else (value,):
-                if isinstance(sub, (compat.ClosedJaxpr, compat.Jaxpr)):
-                    total += times * _jaxpr_work(compat.open_jaxpr(sub)[0])
-    return total
 
 
 def check_trip_count(count) -> None:

@@ -15,6 +15,7 @@ checkpoints with the plan's sharding constraints inside.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -85,3 +86,26 @@ def walk(jaxpr, consts: Sequence[Any], args: Sequence[Any], visitor: Visitor, *,
             outs = visitor.equation(eqn, key, where, invals)
         env.update(zip(eqn.outvars, outs))
     return [bound(atom, stack) for atom in jaxpr.outvars]
+
+
+def jaxpr_flops(jaxpr) -> float:
+    """FLOPs of a jaxpr: 2 per multiply-add of a dot, one per result element of anything else.
+
+    Sub-jaxprs count too (a scan's body times its length), so a ``cond``'s branches, a Pallas
+    kernel or a ``shard_map`` body can be weighed without tracing it.
+    """
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        sizes = [math.prod(compat.aval_shape_dtype(v)[0]) for v in eqn.outvars]
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = compat.aval_shape_dtype(eqn.invars[0])[0]
+            total += 2.0 * sum(sizes) * math.prod(lhs[d] for d in contract)
+        else:
+            total += sum(sizes)
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple) else (value,):
+                if isinstance(sub, (compat.ClosedJaxpr, compat.Jaxpr)):
+                    total += times * jaxpr_flops(compat.open_jaxpr(sub)[0])
+    return total

@@ -29,6 +29,7 @@ import numpy as np
 from autoplan._src import cluster as C
 from autoplan._src import compat
 from autoplan._src import graph as G
+from autoplan._src import walk
 
 Spec = tuple[tuple[str, ...], ...]
 
@@ -161,23 +162,6 @@ def replicated_strategy(op: G.Op, ctx: Context, name: str = "replicated") -> Str
                     compute_seconds=opaque_seconds(op, ctx))
 
 
-def jaxpr_flops(jaxpr) -> float:
-    """FLOPs of a jaxpr: 2 per multiply-add of a dot, one per result element elsewhere, sub-jaxprs included."""
-    flops = 0.0
-    for eqn in jaxpr.eqns:
-        out_sizes = [math.prod(compat.aval_shape_dtype(v)[0]) for v in eqn.outvars]
-        if eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = compat.aval_shape_dtype(eqn.invars[0])[0]
-            flops += 2.0 * sum(out_sizes) * math.prod(lhs[d] for d in contract)
-        else:
-            flops += sum(out_sizes)
-        for value in eqn.params.values():
-            if isinstance(value, (compat.ClosedJaxpr, compat.Jaxpr)):
-                flops += jaxpr_flops(compat.open_jaxpr(value)[0])
-    return flops
-
-
 def opaque_seconds(op: G.Op, ctx: Context) -> float:
     """Replicated run time of an operator autoplan has no rule for, priced conservatively.
 
@@ -196,7 +180,7 @@ def opaque_seconds(op: G.Op, ctx: Context) -> float:
         bodies = [compat.open_jaxpr(v)[0] for v in op.params.values() if isinstance(v, (compat.ClosedJaxpr, compat.Jaxpr))]
         grid = getattr(op.params.get("grid_mapping"), "grid", ()) or ()
         repeats = math.prod(g for g in grid if isinstance(g, int))
-        flops = repeats * sum(jaxpr_flops(body) for body in bodies)
+        flops = repeats * sum(walk.jaxpr_flops(body) for body in bodies)
         flops = max(flops, float(sum(math.prod(s) for s in op.output_shapes)))
     return max(ctx.compute(flops, 1), nbytes / ctx.cluster.memory_bandwidth)
 

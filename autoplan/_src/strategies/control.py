@@ -21,8 +21,9 @@ import math
 
 from autoplan._src import compat
 from autoplan._src import graph as G
+from autoplan._src import walk
 from autoplan._src.strategies.base import (
-    Context, Strategy, enumerate_specs, from_partition_spec, jaxpr_flops, register_strategy, spec_name)
+    Context, Strategy, enumerate_specs, from_partition_spec, register_strategy, spec_name)
 
 
 class UserShardingError(ValueError):
@@ -76,7 +77,7 @@ _BODY_COLLECTIVES = {"psum": "all-reduce", "psum_invariant": "all-reduce", "all_
 
 def _body_costs(jaxpr, ctx: Context) -> tuple[float, list]:
     """FLOPs and collectives of a shard_map body (per device)."""
-    return jaxpr_flops(jaxpr), _body_collectives(jaxpr, ctx)
+    return walk.jaxpr_flops(jaxpr), _body_collectives(jaxpr, ctx)
 
 
 def _body_collectives(jaxpr, ctx: Context) -> list:
