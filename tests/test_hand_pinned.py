@@ -39,13 +39,6 @@ def _report(compiled, mesh) -> hlo.CompiledReport:
                                     hlo.sliced_all_reduces(compiled, colls), mesh, CLUSTER)
 
 
-# From FSDP's inputs, plain jit compiles to 20 all-gathers, 16 all-to-alls and 17 all-reduces (245 us);
-# the planner's plan is predicted at 298.8 us and compiles to 300.0 us with 15, 24 and 15 (checked
-# 2026-12-01, scratch hp.py). Its prediction holds; its search misses the layouts XLA's propagation
-# picks. (An earlier note blamed combined all-gathers; the CPU build does not combine them here.)
-KNOWN_GAPS = {("hf-gpt2-block", "fsdp"): "the search misses XLA's propagated layouts: 8 more all-to-alls (300 vs 245 us)"}
-
-
 def _trimmed(spec) -> tuple:
     entries = list(spec)
     while entries and entries[-1] is None:
@@ -59,9 +52,7 @@ def mesh():
 
 
 @pytest.mark.parametrize("block,strategy", [
-    pytest.param(block, strategy, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[(block, strategy)])]
-                 if (block, strategy) in KNOWN_GAPS else [])
-    for block in workloads.BLOCKS for strategy in hand.STRATEGIES if strategy != "expert_parallel"])
+    (block, strategy) for block in workloads.BLOCKS for strategy in hand.STRATEGIES if strategy != "expert_parallel"])
 def test_pinned_hand_strategy_is_predicted_honestly_and_never_slower_to_communicate_than_plain_jit(
         block, strategy, mesh):
     work = workloads.get(block)

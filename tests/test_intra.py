@@ -89,6 +89,34 @@ def test_merging_followers_keeps_the_optimum_on_mlp():
     assert b == pytest.approx(a, rel=1e-9)
 
 
+def test_merged_followers_stay_near_the_full_search_on_a_pinned_gpt2_block():
+    """FSDP's inputs pinned on a Hugging Face GPT-2 block (code we did not write): with layout
+    operators as followers the merged ILP stopped at 320.7 us, 1.73x the optimum of the unmerged
+    one; now merged is within 6% (it measures 5.4%) at under a third of the variables."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import hand
+    import workloads
+
+    pytest.importorskip("transformers")
+    work = workloads.get("hf-gpt2-block")
+    args = work.abstract_args()
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    in_specs, _ = hand.shardings("fsdp", work.train_step, args, mesh)
+    graph = trace(work.train_step, *args)
+    shape = C.MeshShape.from_mesh(mesh)
+    ctx = S.Context(mesh=shape, cluster=dataclasses.replace(A100, name="a100-4x", devices_per_node=4))
+    found = {}
+    for merge in (True, False):
+        options = intra.SolveOptions(pinned=api.pinned_inputs(graph, in_specs, shape), merge_followers=merge)
+        problem = intra.build_problem(graph, ctx, options)
+        found[merge] = (problem.num_vars, intra.solve(problem, options).objective_seconds)
+    assert 3 * found[True][0] < found[False][0]
+    assert found[False][1] <= found[True][1] <= 1.06 * found[False][1], found
+
+
 def test_identical_layers_share_variables():
     two = autoplan.models.get("mlp-tiny", layers=4)
     six = autoplan.models.get("mlp-tiny", layers=8)

@@ -7,9 +7,9 @@ parameters tied to their updated outputs so the step can donate them.
 
 Two reductions keep the ILP small enough to solve in seconds:
 
-* *followers*: light operators (elementwise, layout, broadcast, reduce) take
-  the layout of their largest operand from the same layer and share its
-  variable;
+* *followers*: light operators (elementwise, broadcast, reduce) take the
+  layout of their largest operand from the same layer and share its variable
+  (layout operators such as reshape and transpose keep their own);
 * *identical layers*: layers whose sub-graphs (forward, backward, optimizer
   update, parameters) are structurally equal share variables, so a 48-layer
   model costs about as much to plan as a 2-layer one.  The objective still
@@ -39,11 +39,14 @@ from autoplan._src.strategies import base as S
 from autoplan._src.strategies import control
 from autoplan._src.strategies.base import ELEMENTWISE
 
-# Operators that follow an operand's layout rather than getting their own choice.
+# Operators that follow an operand's layout rather than getting their own choice.  Layout
+# operators (reshape, transpose, squeeze, expand_dims) keep a choice of their own: made to follow
+# their operand, they could not change layout where XLA's propagation does, and a Hugging Face
+# GPT-2 block with FSDP's inputs pinned was planned at 320.7 us of communication instead of 184.9
+# (the optimum with no follower merged; 194.9 with these four free).
 FOLLOWERS = frozenset(
     set(ELEMENTWISE)
-    | {"broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "reduce_sum", "reduce_max",
-       "reduce_min", "reduce_prod", "cumsum", "argmax", "argmin"})
+    | {"broadcast_in_dim", "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "cumsum", "argmax", "argmin"})
 
 
 class PlanningError(ValueError):
