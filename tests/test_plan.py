@@ -48,8 +48,13 @@ def test_baselines_lay_out_what_their_papers_say(gpt):
     assert p["wte"]["embedding"] == jax.P("model")
     fsdp = autoplan.baselines.fsdp(spec.train_step, *args, mesh=MESH, cluster="a100-8x")
     z1 = autoplan.baselines.zero1(spec.train_step, *args, mesh=MESH, cluster="a100-8x")
-    # ZeRO memory ordering: FSDP <= ZeRO-1 <= data parallel.
-    assert fsdp.cost.memory_bytes <= z1.cost.memory_bytes <= dp.cost.memory_bytes
+    # ZeRO's ordering of model-state memory (parameters and optimizer state per device, the paper's
+    # figure 1): FSDP < ZeRO-1 < data parallel.  (Peak memory adds activations, whose layouts the ILP
+    # picks for speed within the budget, not for size.)
+    def state_bytes(plan):
+        return sum(leaf.device_bytes(plan.mesh) for leaf in plan.inputs if leaf.path.startswith(("params", "opt_state")))
+
+    assert state_bytes(fsdp) < state_bytes(z1) < state_bytes(dp)
     assert fsdp.input_shardings[0]["block0"]["mlp_in"]["kernel"] != jax.P()
     assert z1.input_shardings[0]["block0"]["mlp_in"]["kernel"] == jax.P()
     assert z1.input_shardings[1][0].mu["block0"]["mlp_in"]["kernel"] != jax.P()

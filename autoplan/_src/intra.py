@@ -764,9 +764,11 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
     rows = milp.Rows()
     offsets = np.concatenate([[0], np.cumsum(problem.num_choices)]).astype(np.int64)
     scale = 0.0 if minimize_memory else 1e6  # the objective in microseconds
+    tie_break = _input_bytes_tie_break(problem, vectors) if not minimize_memory else None
     for v, c in enumerate(problem.node_cost):
         allowed = problem.allowed[v] if problem.allowed[v] is not None else np.ones(len(c), bool)
-        x = rows.add_variables(len(c), integral=True, cost=scale * (c - c.min()), upper=allowed.astype(float),
+        cost = scale * (c - c.min()) + (tie_break[v] if tie_break is not None else 0.0)
+        x = rows.add_variables(len(c), integral=True, cost=cost, upper=allowed.astype(float),
                                start=np.arange(len(c)) == hint[v])
         assert x[0] == offsets[v]
         rows.add_row(x, np.ones(len(c)), lower=1.0, upper=1.0)
@@ -817,6 +819,22 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
     if minimize_memory:
         return choice, float(result.values[peak]) * mem_unit
     return choice, result.status
+
+
+def _input_bytes_tie_break(problem: Problem, vectors) -> list[np.ndarray]:
+    """Per variable, a cost far below any priced time: 1e-6 us per KiB of the step's inputs it holds per device.
+
+    Among plans the cost model prices alike, the solver then takes the one holding the least of
+    the inputs per device: a batch split over the devices rather than fed whole to each and sliced
+    (the model prices the slice as free, but not the host feeding every device the whole batch).
+    """
+    tie_break = [np.zeros(n) for n in problem.num_choices]
+    for op_id in problem.graph.input_ops:
+        v = problem.op_var[op_id]
+        for t in problem.graph.ops[op_id].outputs:
+            if vectors[t] is not None:  # per choice of the variable
+                tie_break[v] += 1e-6 * vectors[t] / 1024
+    return tie_break
 
 
 def _add_edge(rows: milp.Rows, problem: Problem, a: int, b: int, m: np.ndarray, offsets, hint, scale) -> None:
