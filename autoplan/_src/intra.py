@@ -822,7 +822,8 @@ def _solve_once(problem: Problem, options: SolveOptions, points, vectors, interv
 
 
 def _input_bytes_tie_break(problem: Problem, vectors) -> list[np.ndarray]:
-    """Per variable, a cost far below any priced time: 1e-6 us per KiB of the step's inputs it holds per device.
+    """Per variable, 1e-6 us per KiB of the step's inputs it holds per device (about 500x less than
+    reading those bytes once at 2 TB/s, so it only decides between plans priced alike).
 
     Among plans the cost model prices alike, the solver then takes the one holding the least of
     the inputs per device: a batch split over the devices rather than fed whole to each and sliced
