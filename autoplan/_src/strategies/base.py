@@ -170,19 +170,29 @@ def opaque_seconds(op: G.Op, ctx: Context) -> float:
     implementation), else one per result element.  Never less than the time to read its operands
     and write its results once.
     """
-    estimate = op.params.get("cost_estimate")
+    estimate = _cost_estimate(op)
     nbytes = sum(math.prod(s) * G.itemsize(d) for s, d in zip(op.input_shapes + op.output_shapes,
                                                               op.input_dtypes + op.output_dtypes))
-    if estimate is not None and getattr(estimate, "flops", None) is not None:
+    if estimate is not None:
         flops = float(estimate.flops) + float(getattr(estimate, "transcendentals", 0) or 0)
         nbytes = max(nbytes, float(getattr(estimate, "bytes_accessed", 0) or 0))
     else:
-        bodies = [compat.open_jaxpr(v)[0] for v in op.params.values() if isinstance(v, (compat.ClosedJaxpr, compat.Jaxpr))]
         grid = getattr(op.params.get("grid_mapping"), "grid", ()) or ()
         repeats = math.prod(g for g in grid if isinstance(g, int))
-        flops = repeats * sum(walk.jaxpr_flops(body) for body in bodies)
+        flops = repeats * sum(walk.jaxpr_flops(body) for body in _carried_jaxprs(op))
         flops = max(flops, float(sum(math.prod(s) for s in op.output_shapes)))
     return max(ctx.compute(flops, 1), nbytes / ctx.cluster.memory_bandwidth)
+
+
+def _cost_estimate(op: G.Op):
+    """A ``pallas_call``'s ``cost_estimate`` when it gives FLOPs, else None."""
+    estimate = op.params.get("cost_estimate")
+    return estimate if getattr(estimate, "flops", None) is not None else None
+
+
+def _carried_jaxprs(op: G.Op) -> list:
+    """The jaxprs an operator carries as parameters (a kernel's body, an implementation)."""
+    return [compat.open_jaxpr(v)[0] for v in op.params.values() if isinstance(v, (compat.ClosedJaxpr, compat.Jaxpr))]
 
 
 def strategies_for(op: G.Op, ctx: Context, warned: set[str] | None = None,
@@ -212,9 +222,10 @@ def strategies_for(op: G.Op, ctx: Context, warned: set[str] | None = None,
 
 
 def _opaque_pricing(op: G.Op) -> str:
-    if getattr(op.params.get("cost_estimate"), "flops", None) is not None:
+    """How `opaque_seconds` prices ``op``, for the warning."""
+    if _cost_estimate(op) is not None:
         return "from its cost_estimate"
-    if any(isinstance(v, (compat.ClosedJaxpr, compat.Jaxpr)) for v in op.params.values()):
+    if _carried_jaxprs(op):
         return "from the FLOPs of the jaxpr it carries"
     return "as one FLOP per result element"
 
