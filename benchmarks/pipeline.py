@@ -2,16 +2,18 @@
 
 Three programs per cluster for one GPT training step (Adam), 8 devices in nodes of 4:
 
-* the planner's choice: `autoplan.plan(..., schedule="1f1b", microbatches=4)`, the stage DP choosing
-  stages, submeshes and logical meshes (B is pinned: searching it too multiplies planning time by 5);
+* the planner's choice: `autoplan.plan(..., microbatches=4)`, the stage DP choosing stages, submeshes,
+  logical meshes and the schedule (1F1B or GPipe, whichever is cheaper as the runtime runs it; B is
+  pinned: searching it too multiplies planning time by 5);
 * the best non-pipelined plan: the intra-operator ILP over every (data, model) mesh, no microbatches;
 * a Megatron-style hand pipeline: 2 stages of equal layers, 1F1B, 4 microbatches, data parallel over
   the 4 devices of each stage.
 
 "predicted" is the cost model's step (pipelines: the schedule's ticks in lock step and the sends,
-`inter.lockstep_parts`, as the planner prices its own; optimizer update and packing unpriced); "priced" is the same alpha-beta / roofline model applied to
-the programs XLA compiled: the pipelines' packing, tick loop (each tick as long as its slowest
-stage's branch, picked by the schedule's task table, plus the point-to-point sends every tick),
+`inter.lockstep_parts`, as the planner prices its own; optimizer update and packing unpriced); "priced"
+is the same alpha-beta / roofline model applied to the programs XLA compiled: the pipelines' packing,
+tick loops (each tick as long as its slowest stage's branch, picked by the schedule's task table, plus
+the point-to-point sends and stash updates of its loop),
 exchange and updates (`staging.priced_step`), the non-pipelined program's `hlo.compiled_report`.
 Clusters: "slow-link" (inter-node bandwidth 100x below intra-node) and "equal-link".  Writes
 benchmarks/results/pipeline.{csv,md}, the chosen schedule as pipeline_schedule.{txt,png}.
@@ -138,14 +140,15 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     for name, cluster in CLUSTERS.items():
         start = time.perf_counter()
-        chosen = autoplan.plan(spec.train_step, *args, num_devices=DEVICES, cluster=cluster, schedule="1f1b",
+        chosen = autoplan.plan(spec.train_step, *args, num_devices=DEVICES, cluster=cluster,
                                microbatches=MICROBATCHES)
         plan_seconds = time.perf_counter() - start
         print(chosen.summary().split("\n\nInputs")[0], flush=True)
         flat = autoplan.plan(spec.train_step, *args, num_devices=DEVICES, cluster=cluster)
         b = MICROBATCHES
         hand, hand_priced = _hand_pipeline(spec, args, cluster, b)
-        rows.append(dict(cluster=name, plan="chosen (stage DP)", stages=len(chosen.stages),
+        runs = chosen.schedule if len(chosen.stages) > 1 else "no pipeline"
+        rows.append(dict(cluster=name, plan=f"chosen (stage DP, {runs})", stages=len(chosen.stages),
                          microbatches=chosen.microbatches, predicted_ms=1e3 * chosen.cost.step_seconds,
                          priced_ms=1e3 * _priced_plan(chosen, spec, args, graph), layout=_layout(chosen.stages),
                          plan_seconds=round(plan_seconds, 1)))
@@ -157,10 +160,10 @@ def main() -> None:
                          predicted_ms=1e3 * hand.step_seconds, priced_ms=1e3 * hand_priced, layout=_layout(hand.stages),
                          plan_seconds=""))
         for alt in chosen.alternatives:
-            rows.append(dict(cluster=name, plan="runner-up", stages=len(alt.stages), microbatches=alt.microbatches,
+            rows.append(dict(cluster=name, plan=f"runner-up ({alt.schedule})", stages=len(alt.stages), microbatches=alt.microbatches,
                              predicted_ms=1e3 * alt.step_seconds, priced_ms="", layout=alt.describe(), plan_seconds=""))
         if name == "slow-link":  # the chosen pipeline's schedule, or the hand pipeline's if none is chosen
-            _write_schedule(pl.schedule("1f1b", stages=len(chosen.stages), microbatches=chosen.microbatches)
+            _write_schedule(pl.schedule(chosen.schedule, stages=len(chosen.stages), microbatches=chosen.microbatches)
                             if len(chosen.stages) > 1 else pl.schedule("1f1b", stages=2, microbatches=b))
     with open(os.path.join(RESULTS, "pipeline.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -170,7 +173,8 @@ def main() -> None:
         f.write(f"{MODEL} {OVERRIDES} (Adam) on {DEVICES} devices in nodes of 4. predicted: the cost model's step (pipelines: "
                 "ticks in lock step + sends, as the runtime runs them; update and packing unpriced); "
                 "priced: the same cluster model applied to the programs XLA compiled (pipelines: packing + "
-                "ticks, each as long as its slowest stage's branch, + sends + exchange + updates). Planning "
+                "ticks, each as long as its slowest stage's branch, + the tick loops' sends and stash updates + "
+                "exchange + updates). Planning "
                 "time on this machine's 2 CPU cores.\n\n"
                 "| cluster | plan | stages | B | predicted (ms) | priced from HLO (ms) | layout | planning (s) |\n"
                 "|---|---|---|---|---|---|---|---|\n")

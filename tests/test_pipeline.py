@@ -205,12 +205,12 @@ def test_pipelined_gpt_equals_single_device(name, stages, microbatches, virtual)
     np.testing.assert_allclose(np.asarray(losses), np.asarray(ref_losses), rtol=1e-6)
     _assert_same(pipe.unpack(packed), ref_params, rtol=1e-5, atol=1e-6)
     assert not np.allclose(ref_params["block7"]["mlp_out"]["kernel"], params["block7"]["mlp_out"]["kernel"])
-    # Honest traffic: the compiled program's collective-permute bytes per step (loop body x XLA's
-    # known_trip_count) are what the pipeline predicts.
+    # Honest traffic: the compiled program's collective-permute bytes per step (loop bodies x XLA's
+    # known_trip_count) are what the pipeline predicts; a buffer moves only on the ticks that carry one.
     trips = [int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', step.as_text())]
-    assert trips == [schedule.num_ticks]
+    assert 0 < sum(trips) <= schedule.num_ticks  # one loop per run of alike ticks (a 1-tick one is inlined)
     permutes = [c for c in hlo.collectives(step, mesh) if c.kind == "collective-permute"]
-    assert permutes and all(c.repeats == schedule.num_ticks for c in permutes)  # all inside the tick loop
+    assert permutes and sum(c.repeats for c in permutes) == pl.send_directions(schedule).sum()
     sent = sum(c.nbytes * c.repeats for c in permutes)
     assert sent == pytest.approx(pipe.p2p_bytes(params, batches[0]), rel=0.2)
 

@@ -78,7 +78,9 @@ def test_pipelined_traced_gpt_equals_single_device(name, stages, microbatches, v
     compiled = staged.compile(params, opt_state, batches[0])
     collectives = hlo.collectives(compiled["pipeline"], _mesh(stages))
     permutes = [c for c in collectives if c.kind == "collective-permute"]
-    assert permutes and all(c.repeats == schedule.num_ticks for c in permutes)
+    # one float32 buffer per direction, moved only on the ticks that carry one (GPipe: ahead in its
+    # forward half, back in its backward half)
+    assert sum(c.repeats for c in permutes) == pl.send_directions(schedule).sum() < 2 * schedule.num_ticks
     assert sum(c.nbytes * c.repeats for c in permutes) == pytest.approx(
         staged.runtime_cost(params, opt_state, batches[0]).p2p_bytes, rel=0.01)
     assert [c.kind for c in collectives if c.kind != "collective-permute"] == []
@@ -107,7 +109,9 @@ def test_data_parallel_stages_equal_single_device_and_reduce_once_per_step():
     collectives = hlo.collectives(staged.compile(params, opt_state, batches[0])["pipeline"], _mesh(2))
     permutes = [c for c in collectives if c.kind == "collective-permute"]
     residual = 16 // 4 // 4 * 8 * 32 * 4  # a quarter of a microbatch's residual stream, float32
-    assert [c.nbytes for c in permutes] == [residual, residual]
+    # One permute per loop that moves its direction (`send_directions`), each of the residual stream.
+    assert {c.nbytes for c in permutes} == {residual}
+    assert sum(c.repeats for c in permutes) == pl.send_directions(schedule).sum()
     reduced = [c for c in collectives if c.kind != "collective-permute"]
     homes = staged.homes(params, opt_state, batches[0])
     row_elements = [sum(x.size for i, x in enumerate(jax.tree_util.tree_leaves(params)) if homes.leaves[i] == r)
@@ -373,6 +377,13 @@ def test_autoparallel_runs_a_planned_pipeline_like_jit_and_as_priced():
     xla = max(state.values()) + stats.argument_size_in_bytes + stats.output_size_in_bytes \
         - stats.alias_size_in_bytes + stats.temp_size_in_bytes
     assert plan.cost.memory_bytes == pytest.approx(xla, rel=0.2)
+    # Priced from the HLO by tick loop (one per run of ticks alike, a one-tick run inlined by XLA): the
+    # loops match the schedule's runs, and their sends hold every permute of the program.
+    schedule = pl.schedule(plan.schedule, stages=2, microbatches=4)
+    priced = staging.priced_step(compiled, schedule, step.mesh, plan.cluster)
+    permutes = [c for c in collectives if c.kind == "collective-permute"]
+    assert priced["ticks"] > 0 and priced["sends"] + priced["outside"] >= \
+        hlo.communication_seconds(permutes, step.mesh, plan.cluster) > 0
 
 
 def test_checkpoint_of_a_pipelined_run_restores_onto_its_stages_and_onto_a_plan_without_stages(tmp_path):

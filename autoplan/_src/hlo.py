@@ -976,15 +976,24 @@ def roofline_seconds(kernel_list: Sequence[HloKernel], cluster: C.Cluster, matmu
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class LoopBranches:
-    """A program built around one while loop whose body switches between branches (a pipeline's tick
-    loop: `lax.switch` on the task each tick), priced by part under a cluster, per device: each
-    branch's seconds (kernels' roofline + its collectives), the rest of one iteration (the
-    point-to-point sends of every tick), and everything outside the loop."""
+class TickLoop:
+    """One while loop whose body switches between branches (a run of a pipeline's ticks: `lax.switch`
+    on the task each tick), priced per device: each branch's seconds (kernels' roofline + its
+    collectives) and the rest of one iteration (the point-to-point sends and the stash updates).  A
+    loop XLA inlined (one trip) has its switch outside any loop: ``iteration_seconds`` is then 0 and
+    the rest of its tick is in the program's ``outside_seconds``."""
 
     branch_seconds: tuple[float, ...]
     iteration_seconds: float
     trip_count: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LoopBranches:
+    """A program built around tick loops (`TickLoop`, in the order XLA prints them) and what it runs
+    outside them, priced per device under a cluster."""
+
+    loops: tuple[TickLoop, ...]
     outside_seconds: float
 
 
@@ -1003,29 +1012,40 @@ def _reachable(comps, name: str) -> set[str]:
 
 
 def loop_branches(compiled_or_text, mesh, cluster) -> LoopBranches:
-    """`LoopBranches` of a compiled program (the while loop with a conditional in its body)."""
+    """`LoopBranches` of a compiled program: every conditional not inside another one's branches is a
+    tick switch, in a while loop's body or inlined where XLA removed a one-trip loop."""
     text = _hlo_text(compiled_or_text)
     mesh, cluster = C.MeshShape.from_mesh(mesh), C.get_cluster(cluster)
     comps, entry = _computations(text)
     rate = matmul_rate(text, cluster)
     colls = _scan_collectives(text, mesh, None)
-    loops = [(instr, _called(instr.attrs, "body")[0]) for name in _reachable(comps, entry) for instr in comps[name]
-             if instr.opcode == "while" and any(i.opcode == "conditional" for i in comps.get(
-                 _called(instr.attrs, "body")[0], []))]
-    if len(loops) != 1:
-        raise ValueError(f"expected one while loop around a conditional, found {len(loops)}")
-    loop, body = loops[0]
-    switch = next(i for i in comps[body] if i.opcode == "conditional")
-    branches = _called(switch.attrs, "branch_computations")
+    from_entry = _reachable(comps, entry)
+    reachable = [name for name in comps if name in from_entry]
+    switches = [(name, i) for name in reachable for i in comps[name] if i.opcode == "conditional"]
+    branches = {i.name: _called(i.attrs, "branch_computations") for _, i in switches}
+    nested = set().union(*(_reachable(comps, b) for found in branches.values() for b in found))
+    ticks = [(name, i) for name, i in switches if name not in nested]
+    if not ticks:
+        raise ValueError("expected a tick switch (a conditional, in a while loop or inlined); found none")
+    loop_of = {_called(i.attrs, "body")[0]: i for name in reachable for i in comps[name] if i.opcode == "while"}
 
-    def seconds(root: str, skip: frozenset, names: set[str]) -> float:
-        compute = roofline_seconds(_walk_kernels(comps, root, 1, skip), cluster, rate)
+    def seconds(root: str, skip: set[str], names: set[str]) -> float:
+        compute = roofline_seconds(_walk_kernels(comps, root, 1, frozenset(skip)), cluster, rate)
         return compute + communication_seconds([c for c in colls if c.computation in names], mesh, cluster)
 
-    in_branches = set().union(*(_reachable(comps, b) for b in branches))
-    in_loop = set().union(*(_reachable(comps, c) for key in ("body", "condition") for c in _called(loop.attrs, key)))
-    return LoopBranches(
-        branch_seconds=tuple(seconds(b, frozenset(), _reachable(comps, b)) for b in branches),
-        iteration_seconds=seconds(body, frozenset(branches), in_loop - in_branches),
-        trip_count=loop.trip_count,
-        outside_seconds=seconds(entry, frozenset(in_loop), _reachable(comps, entry) - in_loop))
+    below = {b: _reachable(comps, b) for _, i in ticks for b in branches[i.name]}
+    in_branches = set().union(*below.values())
+    in_loops: set[str] = set()
+    loops = []
+    for name, switch in ticks:
+        branch_seconds = tuple(seconds(b, set(), below[b]) for b in branches[switch.name])
+        loop = loop_of.get(name)
+        if loop is None:  # a one-trip loop XLA inlined
+            loops.append(TickLoop(branch_seconds=branch_seconds, iteration_seconds=0.0, trip_count=1))
+            continue
+        inside = set().union(*(_reachable(comps, c) for key in ("body", "condition") for c in _called(loop.attrs, key)))
+        in_loops |= inside
+        loops.append(TickLoop(branch_seconds=branch_seconds, trip_count=loop.trip_count,
+                              iteration_seconds=seconds(name, set(branches[switch.name]), inside - in_branches)))
+    outside = set(reachable) - in_loops - in_branches
+    return LoopBranches(loops=tuple(loops), outside_seconds=seconds(entry, in_loops | in_branches, outside))

@@ -600,7 +600,8 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
 
     The batch is the last argument (every leaf split along its leading axis).
     Stages get equal submeshes (the SPMD runtime's ``stage`` axis); pinned
-    ``stages`` / ``microbatches`` / ``schedule`` restrict the search.  The
+    ``stages`` / ``microbatches`` / ``schedule`` restrict the search (unpinned,
+    the schedule is 1F1B or GPipe, whichever is cheaper as the runtime runs it).  The
     returned `Plan` carries the stages, schedule, microbatches, bubble
     fraction, the pipeline's predicted cost and runner-up plans
     (``plan.alternatives``); its leaf shardings are the intra-operator plan
@@ -615,9 +616,11 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     if static_argnums:
         raise ValueError("pipeline planning (stages=, microbatches=, schedule=) does not take static_argnums yet; "
                          "close over static values instead")
-    schedule = schedule or "1f1b"
-    if schedule not in PL.SCHEDULES:
+    if schedule is not None and schedule not in PL.SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {PL.SCHEDULES}")
+    # Unpinned, the planner weighs 1F1B (fewer residuals in flight) against GPipe (in lock step, a
+    # forward tick waits only for forwards); interleaving is the user's to ask for.
+    schedules = [schedule] if schedule else ["1f1b", "gpipe"]
     pinned = C.MeshShape.from_mesh(mesh) if mesh is not None else None
     stages, inner = _stage_mesh(pinned, stages)
     total = pinned.size if pinned is not None else (num_devices or len(jax.devices()))
@@ -625,7 +628,7 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
         raise ValueError(f"stages={stages} does not divide the {total} devices into equal submeshes; "
                          f"pick a divisor of {total}")
     if stages != 1:
-        unstacked = _unstacked(fn, args, stages, schedule)
+        unstacked = _unstacked(fn, args, stages, schedules[0])
         if unstacked is not None:
             return _plan_unstacked(unstacked, fn, args, mesh=mesh, num_devices=num_devices, cluster=cluster,
                                    memory_budget=memory_budget, stages=stages, microbatches=microbatches,
@@ -650,12 +653,19 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     units = cost.units(counts[0])
     candidates = [stages] if stages else [s for s in (1, 2, 4, 8, 16, 32) if s <= len(units) and total % s == 0]
     sizes = sorted({total // s for s in candidates})
-    choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=schedule,
-                          memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
-                          layer_names=["+".join(u) for u in units], equal_share=_stack_share(args, units, schedule))
-    if schedule == "interleaved":
-        choice = _interleaved(choice, cost, ["+".join(u) for u in units], memory_budget)
-    choice, runtime, parts = _with_runtime_cost(choice, cost)
+    layer_names = ["+".join(u) for u in units]
+    choices = []
+    for name in schedules:
+        try:
+            choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=name,
+                                  memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
+                                  layer_names=layer_names, equal_share=_stack_share(args, units, name))
+        except ValueError:
+            if name == schedules[-1] and not choices:
+                raise
+            continue  # nothing fits this schedule's memory budget: the next one may
+        choices.append(_interleaved(choice, cost, layer_names, memory_budget) if name == "interleaved" else choice)
+    choice, runtime, parts = _with_runtime_cost(_pooled(choices), cost)
     return _pipeline_plan(choice, runtime, parts, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
 
 
@@ -775,20 +785,21 @@ def _pipeline_mesh(choice: PipelineChoice) -> C.MeshShape:
 def lockstep_parts(choice: PipelineChoice, chunk_seconds: Sequence[Sequence[float]], p2p_bytes: float,
                    cluster: C.Cluster) -> dict[str, float]:
     """One step of ``choice`` as the SPMD runtime (`staging`) runs it: the schedule's ticks in lock step,
-    each as long as its slowest stage row's task, plus the sends every tick.
+    each as long as its slowest stage row's task, plus the sends.
 
     ``chunk_seconds[s][c]`` is forward + backward of one microbatch through chunk ``c`` of row ``s``
-    (the stage ILP's price).  A forward task costs a third of it; a backward task costs all of it,
-    since the runtime recomputes the chunk's forward before its backward (a backward is twice a
-    forward in matmul FLOPs).  Every tick sends the packed values ahead and the cotangents back
-    (``p2p_bytes`` per step over all ticks), idle ticks too.  Where the stage times are equal and
-    sends free this is Σ t + (B - 1)·max t with the recompute (GPipe: (S + B - 1) ticks of each kind).
+    (the stage ILP's price).  A forward task costs a third of it and a backward the other two thirds
+    (a backward is twice a forward in matmul FLOPs; the runtime keeps the forward's residuals, so
+    nothing is recomputed).  ``p2p_bytes`` are sent over the step in one ``ppermute`` per tick and
+    direction the runtime moves a buffer (`pipeline.send_directions`), each paying the link's latency.
+    Where the stage times are equal and sends free this is Σ t + (B - 1)·max t under GPipe
+    ((S + B - 1) ticks of each kind); 1F1B's steady state pairs a forward with a backward in each tick.
 
     >>> stage = Stage(start=0, end=1, layers=("a",), devices=1, mesh=C.MeshShape(axis_names=("data",),
     ...               axis_sizes=(1,)), seconds=3.0, memory_bytes=0.0, in_flight=1)
     >>> two = PipelineChoice(stages=(stage, stage), microbatches=4, schedule="gpipe", step_seconds=0.0)
     >>> lockstep_parts(two, [[3.0], [3.0]], 0.0, C.get_cluster("a100-8x"))  # 5 forward ticks + 5 backward
-    {'ticks': 20.0, 'sends': 0.0}
+    {'ticks': 15.0, 'sends': 0.0}
     """
     sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=choice.microbatches)
     kinds, virtual, _ = PL.task_tables(sched)
@@ -797,13 +808,20 @@ def lockstep_parts(choice: PipelineChoice, chunk_seconds: Sequence[Sequence[floa
     for tick, row in np.ndindex(kinds.shape):
         if kinds[tick, row]:
             full = chunk_seconds[row][virtual[tick, row] // rows]
-            task[tick, row] = full / 3 if kinds[tick, row] == 1 else full
+            task[tick, row] = full / 3 if kinds[tick, row] == 1 else full * 2 / 3
     sends = 0.0
-    if p2p_bytes:
-        per_direction = p2p_bytes / sched.num_ticks / 2
-        sends = 2 * sched.num_ticks * C.collective_seconds("p2p", per_direction, ("stage",), _pipeline_mesh(choice),
-                                                           cluster)
+    moves = int(PL.send_directions(sched).sum())
+    if p2p_bytes and moves:
+        sends = moves * C.collective_seconds("p2p", p2p_bytes / moves, ("stage",), _pipeline_mesh(choice), cluster)
     return {"ticks": float(task.max(axis=1).sum()), "sends": sends}
+
+
+def _pooled(choices: Sequence[PipelineChoice]) -> PipelineChoice:
+    """The first choice with every other schedule's pipelines among its alternatives (a one-stage plan
+    runs no schedule: it is kept once)."""
+    more = [c for other in choices[1:] for c in (dataclasses.replace(other, alternatives=()), *other.alternatives)
+            if len(c.stages) > 1]
+    return dataclasses.replace(choices[0], alternatives=(*choices[0].alternatives, *more))
 
 
 def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
@@ -851,8 +869,8 @@ def _pipeline_plan(choice: PipelineChoice, runtime, parts: dict, cost: GraphStag
     if runtime is not None:
         _warn_redundant_axes(first.mesh, data_axes)
         # A stage row keeps its own parameters and optimizer state, their packed copy the pipeline reads,
-        # the values it received for every microbatch, and one microbatch's activations (the backward
-        # recomputes its stage's forward).
+        # the values it received for every microbatch and the residuals of those in flight (the stash),
+        # and one microbatch's working activations.
         memory = max(sum(o.weight_bytes for o in row) for row in options) + runtime.packed_bytes \
             + max(o.activation_bytes for row in options for o in row) + runtime.stash_bytes
         sent = runtime.p2p_bytes + C.collective_bytes("all-reduce", runtime.exchanged_bytes, len(choice.stages))

@@ -764,10 +764,12 @@ class Pipeline:
         return first
 
     def p2p_bytes(self, params_for_shapes, batch_for_shapes) -> float:
-        """Bytes each device sends point-to-point per step: every tick moves one activation forward and one
-        cotangent backward (idle ticks send zeros, as a collective must run on every device)."""
+        """Bytes each device sends point-to-point per step: one activation ahead or one cotangent back on
+        each tick and direction `send_directions` moves (zeros on a row with nothing to send, as a
+        collective runs on every device)."""
         act = self.activation_shape(params_for_shapes, batch_for_shapes)
-        return 2.0 * self.schedule.num_ticks * math.prod(act.shape) * jnp.dtype(act.dtype).itemsize
+        sends = int(send_directions(self.schedule).sum())
+        return float(sends * math.prod(act.shape) * jnp.dtype(act.dtype).itemsize)
 
     def gradients(self, mesh: jax.sharding.Mesh, params_for_shapes, batch_for_shapes) -> Callable:
         """``(packed, batch) -> (packed gradients, mean loss)`` as one shard_map over the ``stage`` axis."""
@@ -786,25 +788,25 @@ class Pipeline:
         zeros_grad = jnp.zeros((packing.length,), packing.dtype)
         no_loss = jnp.zeros((), jnp.float32)
 
-        def idle(flat, x, cot, batch):
-            return zeros_act, (zeros_grad, no_loss), zeros_act
+        def idle(flat, x, cot, kept, batch):
+            return zeros_act, (zeros_grad, no_loss), zeros_act, kept
 
         def forward(vs):
-            def run(flat, x, cot, batch):
+            def run(flat, x, cot, kept, batch):
                 out = self._run(vs, flat, x, batch)
                 if vs == n_virtual - 1:
-                    return zeros_act, (zeros_grad, out.astype(jnp.float32)), zeros_act
-                return out, (zeros_grad, no_loss), zeros_act
+                    return zeros_act, (zeros_grad, out.astype(jnp.float32)), zeros_act, kept
+                return out, (zeros_grad, no_loss), zeros_act, kept
             return run
 
         def backward(vs):
-            def run(flat, x, cot, batch):
+            def run(flat, x, cot, kept, batch):  # recomputes the stage's forward (nothing kept)
                 out, vjp = jax.vjp(lambda p, x: self._run(vs, p, x, batch), flat, x)
                 seed = cot
                 if vs == n_virtual - 1:  # d(mean of B losses)/d(loss of one); varying over "stage" like out
                     seed = jax.lax.pcast(jnp.full(out.shape, 1.0 / b, out.dtype), "stage", to="varying")
                 grad, dx = vjp(seed)
-                return zeros_act, (grad, no_loss), (zeros_act if vs == 0 else dx)
+                return zeros_act, (grad, no_loss), (zeros_act if vs == 0 else dx), kept
             return run
 
         branches = [idle] + [forward(vs) for vs in range(n_virtual)] + [backward(vs) for vs in range(n_virtual)]
@@ -851,19 +853,98 @@ def task_tables(sched: Schedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return kinds, virtual, micro
 
 
-def run_ticks(sched: Schedule, branches: Sequence[Callable], params_row, batch, act_zero, cot_zero, contrib_zero):
+MAX_SEND_LOOPS = 6  # tick loops per pipeline program; more runs of alike ticks are merged
+
+
+def send_directions(sched: Schedule) -> np.ndarray:
+    """``[tick, 2]`` booleans: whether the runtime moves the packed buffer ahead, and the cotangents back,
+    at each tick.  A direction moves where some stage row sends that way (a forward whose virtual stage
+    is not the last; a backward whose virtual stage is not the first); `run_ticks` runs one loop per run
+    of alike ticks, so where those runs would be more than `MAX_SEND_LOOPS` (1F1B's steady state
+    alternates), the adjacent runs whose merge adds the fewest sends are merged, both moving.
+
+    >>> send_directions(schedule("gpipe", stages=2, microbatches=2)).astype(int).T.tolist()
+    [[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0]]
+    """
+    kinds, virtual, _ = task_tables(sched)
+    last = sched.num_stages * sched.virtual - 1
+    needed = np.stack([((kinds == 1) & (virtual < last)).any(axis=1), ((kinds == 2) & (virtual > 0)).any(axis=1)],
+                      axis=1)
+    runs = [[start, end, np.array(flags)] for start, end, flags in tick_runs(needed)]
+    while len(runs) > MAX_SEND_LOOPS:
+        def added(i):
+            (a0, a1, fa), (b0, b1, fb) = runs[i], runs[i + 1]
+            merged = fa | fb
+            return (merged & ~fa).sum() * (a1 - a0) + (merged & ~fb).sum() * (b1 - b0)
+        i = min(range(len(runs) - 1), key=added)
+        runs[i:i + 2] = [[runs[i][0], runs[i + 1][1], runs[i][2] | runs[i + 1][2]]]
+    out = np.zeros_like(needed)
+    for start, end, flags in runs:
+        out[start:end] = flags
+    return out
+
+
+def stash_slots(sched: Schedule) -> int:
+    """How many microbatch slots a stage row's per-chunk stash needs when microbatch ``m`` is kept in slot
+    ``m % slots`` from its forward to its backward: the most microbatches in flight on one chunk (1F1B:
+    at most S - s), or B when that modular assignment would collide.
+
+    >>> stash_slots(schedule("1f1b", stages=4, microbatches=8)), stash_slots(schedule("gpipe", stages=4, microbatches=8))
+    (4, 8)
+    """
+    ordered = sorted(sched.tasks, key=lambda t: t.tick)
+
+    def fits(slots: int) -> bool:
+        live: dict[tuple[int, int], set[int]] = {}
+        for task in ordered:
+            held = live.setdefault((task.stage, task.chunk), set())
+            if task.kind != FORWARD:
+                held.discard(task.microbatch)
+            elif len(held) >= slots or any(m % slots == task.microbatch % slots for m in held):
+                return False
+            else:
+                held.add(task.microbatch)
+        return True
+
+    return next(slots for slots in range(1, sched.num_microbatches + 1) if fits(slots))
+
+
+def tick_runs(flags: np.ndarray) -> list[tuple[int, int, tuple[bool, ...]]]:
+    """Runs of consecutive ticks with equal ``flags`` rows, as ``(start, end, flags)``: the runtime's
+    tick loops, one per run of `send_directions`.
+
+    >>> tick_runs(send_directions(schedule("gpipe", stages=2, microbatches=2)))
+    [(0, 2, (True, False)), (2, 3, (False, False)), (3, 5, (False, True)), (5, 6, (False, False))]
+    """
+    runs: list[tuple[int, int, tuple[bool, ...]]] = []
+    for tick, row in enumerate(map(tuple, flags.tolist())):
+        if runs and runs[-1][2] == row:
+            runs[-1] = (runs[-1][0], tick + 1, row)
+        else:
+            runs.append((tick, tick + 1, row))
+    return runs
+
+
+def run_ticks(sched: Schedule, branches: Sequence[Callable], params_row, batch, act_zero, cot_zero, contrib_zero,
+              kept_zero=None):
     """The schedule's tick loop on one device row, inside ``jax.shard_map`` manual over ``"stage"``.
 
     ``branches`` are ``[idle, forward(vs) for each virtual stage, backward(vs) for each]``, each
-    ``(params of the chunk, activation in, cotangent in, microbatch) -> (activation out, contribution,
-    cotangent out)``; activations and cotangents are pytrees shaped like ``act_zero`` / ``cot_zero``
-    and move to the next / previous stage with ``lax.ppermute`` every tick; each task's contribution
-    (gradients, losses: a pytree like ``contrib_zero``) is summed per chunk.  ``params_row`` is this
-    row's ``[v, ...]`` parameters.  Returns the summed contributions, each leaf ``[v, ...]``.
+    ``(params of the chunk, activation in, cotangent in, kept, microbatch) -> (activation out,
+    contribution, cotangent out, kept out)``; activations and cotangents are pytrees shaped like
+    ``act_zero`` / ``cot_zero`` and move to the next / previous stage with ``lax.ppermute`` on the ticks
+    where some row sends one (`send_directions`: one loop per run of ticks alike, so an idle direction
+    moves nothing); what a forward keeps for its backward (``kept``, a pytree like ``kept_zero``; the
+    residuals) stays on its row, in slot ``m % stash_slots`` of its chunk, until the backward of
+    microbatch ``m`` reads it.  Each task's contribution (gradients, losses: a pytree like
+    ``contrib_zero``) is summed per chunk.  ``params_row`` is this row's ``[v, ...]`` parameters.
+    Returns the summed contributions, each leaf ``[v, ...]``.
     """
     stages, v, b = sched.num_stages, sched.virtual, sched.num_microbatches
     n_virtual = stages * v
     kinds, virtual, micro = task_tables(sched)
+    slots = stash_slots(sched)
+    kept_zero = {} if kept_zero is None else kept_zero
 
     def varying(branch):  # lax.switch needs every branch's outputs varying over "stage" alike
         def run(*args):
@@ -883,35 +964,44 @@ def run_ticks(sched: Schedule, branches: Sequence[Callable], params_row, batch, 
     def stashed(buffers, chunk, m):
         return jax.tree_util.tree_map(lambda x: x[chunk, m], buffers)
 
-    def store(buffers, got, chunk, m, value):
-        return jax.tree_util.tree_map(lambda x, y: jnp.where(got, x.at[chunk, m].set(y), x), buffers, value)
+    def store(buffers, got, chunk, m, value):  # one slot rewritten in place, itself if nothing arrived
+        return jax.tree_util.tree_map(lambda x, y: x.at[chunk, m].set(jnp.where(got, y, x[chunk, m])),
+                                      buffers, value)
 
-    def tick(t, carry):
-        act_in, cot_in, acc = carry
-        kind, vs, m = task(t, s)
-        chunk = vs // stages
-        mb = jax.tree_util.tree_map(
-            lambda x: jax.lax.dynamic_slice_in_dim(x, m * (x.shape[0] // b), x.shape[0] // b), batch)
-        index = jnp.where(kind == 0, 0, jnp.where(kind == 1, 1 + vs, 1 + n_virtual + vs))
-        y, contrib, dx = jax.lax.switch(index, branches, jax.tree_util.tree_map(lambda x: x[chunk], params_row),
-                                        stashed(act_in, chunk, m), stashed(cot_in, chunk, m), mb)
-        acc = jax.tree_util.tree_map(lambda a, g: a.at[chunk].add(g), acc, contrib)
-        y = jax.lax.ppermute(y, "stage", ahead)
-        dx = jax.lax.ppermute(dx, "stage", behind)
-        kind_p, vs_p, m_p = task(t, (s - 1) % stages)
-        act_in = store(act_in, (kind_p == 1) & (vs_p < n_virtual - 1), (vs_p + 1) // stages, m_p, y)
-        kind_n, vs_n, m_n = task(t, (s + 1) % stages)
-        cot_in = store(cot_in, (kind_n == 2) & (vs_n > 0), (vs_n - 1) // stages, m_n, dx)
-        return act_in, cot_in, acc
+    def tick(send_ahead, send_back):
+        def run(t, carry):
+            act_in, cot_in, kept, acc = carry
+            kind, vs, m = task(t, s)
+            chunk = vs // stages
+            mb = jax.tree_util.tree_map(
+                lambda x: jax.lax.dynamic_slice_in_dim(x, m * (x.shape[0] // b), x.shape[0] // b), batch)
+            index = jnp.where(kind == 0, 0, jnp.where(kind == 1, 1 + vs, 1 + n_virtual + vs))
+            y, contrib, dx, keep = jax.lax.switch(
+                index, branches, jax.tree_util.tree_map(lambda x: x[chunk], params_row),
+                stashed(act_in, chunk, m), stashed(cot_in, chunk, m), stashed(kept, chunk, m % slots), mb)
+            acc = jax.tree_util.tree_map(lambda a, g: a.at[chunk].add(g), acc, contrib)
+            # Every branch returns the slot it read, rewritten by a forward: stored without a select.
+            kept = jax.tree_util.tree_map(lambda x, y: x.at[chunk, m % slots].set(y), kept, keep)
+            if send_ahead:
+                y = jax.lax.ppermute(y, "stage", ahead)
+                kind_p, vs_p, m_p = task(t, (s - 1) % stages)
+                act_in = store(act_in, (kind_p == 1) & (vs_p < n_virtual - 1), (vs_p + 1) // stages, m_p, y)
+            if send_back:
+                dx = jax.lax.ppermute(dx, "stage", behind)
+                kind_n, vs_n, m_n = task(t, (s + 1) % stages)
+                cot_in = store(cot_in, (kind_n == 2) & (vs_n > 0), (vs_n - 1) // stages, m_n, dx)
+            return act_in, cot_in, kept, acc
+        return run
 
-    def buffers(zero):
-        return jax.tree_util.tree_map(lambda x: jnp.zeros((v, b, *x.shape), x.dtype), zero)
+    def buffers(zero, count):
+        return jax.tree_util.tree_map(lambda x: jnp.zeros((v, count, *x.shape), x.dtype), zero)
 
-    carry = (buffers(act_zero), buffers(cot_zero),
+    carry = (buffers(act_zero, b), buffers(cot_zero, b), buffers(kept_zero, slots),
              jax.tree_util.tree_map(lambda x: jnp.zeros((v, *x.shape), x.dtype), contrib_zero))
     carry = jax.tree_util.tree_map(lambda x: jax.lax.pcast(x, "stage", to="varying"), carry)
-    _, _, acc = jax.lax.fori_loop(0, sched.num_ticks, tick, carry)
-    return acc
+    for start, end, (send_ahead, send_back) in tick_runs(send_directions(sched)):
+        carry = jax.lax.fori_loop(start, end, tick(send_ahead, send_back), carry)
+    return carry[-1]
 
 
 def gpt_layers(spec) -> list[Layer]:

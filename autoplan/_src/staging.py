@@ -12,16 +12,18 @@ to later stages and cotangents only to earlier ones.  Then:
 * ``F(vs)`` runs the forward ops of virtual stage ``vs`` and sends the next
   stage every forward value that a later stage reads (its own, and those it
   received and passes on);
-* ``B(vs)`` recomputes the stage's forward from the values it received and
-  stashed (activation checkpointing at stage boundaries), runs the stage's own
-  backward ops (the user's: custom VJPs and remat policies are kept), and
-  sends the previous stage every value an earlier stage's backward reads;
+* ``F(vs)`` also keeps, on its own row until the microbatch's backward, the
+  forward values it made that its backward reads (the residuals: no forward
+  is recomputed, unless the user's own remat asked for it);
+* ``B(vs)`` runs the stage's own backward ops (the user's: custom VJPs and
+  remat policies are kept) on the values it received and kept, and sends the
+  previous stage every value an earlier stage's backward reads;
 * the gradients and losses each stage makes (the values the update reads) are
   summed over microbatches on their stage row and averaged.
 
 Values crossing a stage boundary travel packed: one flat buffer per dtype, as
-long as the longest boundary needs, moved with ``lax.ppermute`` every tick
-(`pipeline.run_ticks`).
+long as the longest boundary needs, moved with ``lax.ppermute`` on the ticks
+that carry them (`pipeline.run_ticks`, `pipeline.send_directions`).
 
 State is stage-owned (`homes`): a parameter lives on the devices of the one
 stage row whose ops read it, its optimizer state with it, and that row's update
@@ -115,7 +117,8 @@ class StageCut:
     split: PL.GradientSplit
     stage_of: tuple[int, ...]  # per op; -1 for inputs, constants and ops outside the gradient part
     forward: tuple[tuple[int, ...], ...]  # F(vs): ops in order, constants they read included
-    backward: tuple[tuple[int, ...], ...]  # B(vs): the stage's forward (recomputed) and its backward ops
+    backward: tuple[tuple[int, ...], ...]  # B(vs): the stage's backward ops, constants they read included
+    kept: tuple[tuple[int, ...], ...]  # forward values F(vs) makes that B(vs) reads or sends back
     ahead: tuple[tuple[int, ...], ...]  # tensors vs sends to vs + 1
     back: tuple[tuple[int, ...], ...]  # tensors vs sends to vs - 1
     inputs: tuple[tuple[int, ...], ...]  # input leaves (not batch) each virtual stage reads
@@ -177,13 +180,16 @@ def cut_stages(split: PL.GradientSplit, bounds: Sequence[tuple[int, int]]) -> St
                  if t != G.LITERAL and graph.ops[graph.tensors[t].producer].role == G.CONSTANT}
         return tuple(sorted(set(ops) | extra))
 
-    forward, backward, inputs, forward_cut, backward_cut = [], [], [], [], []
+    forward, backward, kept, inputs, forward_cut, backward_cut = [], [], [], [], [], []
     batch = {graph.input_ops[leaf] for leaf in split.batch_inputs}
     for k in range(n):
         mine = [i for i in split.gradient_ops if stage[i] == k]
         fwd = [i for i in mine if graph.ops[i].role != G.BACKWARD]
+        bwd = [i for i in mine if graph.ops[i].role == G.BACKWARD]
         forward.append(ops_reading(fwd))
-        backward.append(ops_reading(mine))
+        backward.append(ops_reading(bwd))
+        read_back = {t for i in bwd for t in graph.ops[i].inputs if t != G.LITERAL} | back[k]
+        kept.append(tuple(sorted({t for i in fwd for t in graph.ops[i].outputs} & read_back)))
         read = {graph.tensors[t].producer for i in mine for t in graph.ops[i].inputs if t != G.LITERAL}
         inputs.append(tuple(graph.input_ops.index(o) for o in sorted(read)
                             if graph.ops[o].role == G.INPUT and o not in batch))
@@ -191,6 +197,7 @@ def cut_stages(split: PL.GradientSplit, bounds: Sequence[tuple[int, int]]) -> St
         forward_cut.append(tuple(t for t in made if graph.ops[graph.tensors[t].producer].role != G.BACKWARD))
         backward_cut.append(tuple(t for t in made if graph.ops[graph.tensors[t].producer].role == G.BACKWARD))
     return StageCut(split=split, stage_of=tuple(stage), forward=tuple(forward), backward=tuple(backward),
+                    kept=tuple(kept),
                     ahead=tuple(tuple(sorted(a)) for a in ahead), back=tuple(tuple(sorted(b)) for b in back),
                     inputs=tuple(inputs), forward_cut=tuple(forward_cut), backward_cut=tuple(backward_cut))
 
@@ -496,7 +503,7 @@ class StagedStep:
         shapes = {t.id: t.shape for t in graph.tensors}
         leaf_tensor = [graph.ops[o].outputs[0] for o in graph.input_ops]
         batch_tensors = [leaf_tensor[i] for i in split.batch_inputs]
-        acts, cots, local, exchanged = layouts.acts, layouts.cots, layouts.local, layouts.exchanged
+        acts, cots, kept, local, exchanged = layouts.acts, layouts.cots, layouts.kept, layouts.local, layouts.exchanged
         unpack_params = layouts.params.unpack
         leaf_shapes = {leaf_tensor[i]: shapes[leaf_tensor[i]] for i in range(len(leaf_tensor))}
 
@@ -514,27 +521,28 @@ class StagedStep:
             return local.pack(values(local.groups[vs]), vs), exchanged.pack(values(exchanged.groups[0]), 0)
 
         def branches(shared):
-            def idle(_params, act, cot, micro):
-                return acts.zeros(), (local.zeros(), exchanged.zeros()), cots.zeros()
+            def idle(_params, act, cot, residuals, micro):  # every branch returns the residual slot it keeps
+                return acts.zeros(), (local.zeros(), exchanged.zeros()), cots.zeros(), residuals
 
             def forward(vs):
-                def run(params, act, cot, micro):
+                def run(params, act, cot, residuals, micro):
                     received = acts.unpack(act, vs - 1, shapes) if vs else {}
                     env = PL.evaluate_ops(graph, split.items, cut.forward[vs],
                                           environment(vs, params, shared, micro, received))
                     out = acts.pack(env, vs) if vs < n - 1 else acts.zeros()
-                    return out, contributions(env, vs, cut.forward_cut[vs]), cots.zeros()
+                    return out, contributions(env, vs, cut.forward_cut[vs]), cots.zeros(), kept.pack(env, vs)
                 return run
 
             def backward(vs):
-                def run(params, act, cot, micro):
+                def run(params, act, cot, residuals, micro):
                     received = acts.unpack(act, vs - 1, shapes) if vs else {}
                     if vs < n - 1:
                         received.update(cots.unpack(cot, vs + 1, shapes))
+                    received.update(kept.unpack(residuals, vs, shapes))
                     env = PL.evaluate_ops(graph, split.items, cut.backward[vs],
                                           environment(vs, params, shared, micro, received))
                     out = cots.pack(env, vs) if vs else cots.zeros()
-                    return acts.zeros(), contributions(env, vs, cut.backward_cut[vs]), out
+                    return acts.zeros(), contributions(env, vs, cut.backward_cut[vs]), out, residuals
                 return run
 
             return [idle] + [forward(vs) for vs in range(n)] + [backward(vs) for vs in range(n)]
@@ -547,10 +555,10 @@ class StagedStep:
         def body(packed, shared_values, batch):
             shared = dict(zip([leaf_tensor[i] for i in homes_.shared], shared_values))
             row = {dtype: x[0] for dtype, x in packed.items()}
-            kept, summed = PL.run_ticks(sched, branches(shared), row, batch, acts.zeros(), cots.zeros(),
-                                        (local.zeros(), exchanged.zeros()))
+            sums, summed = PL.run_ticks(sched, branches(shared), row, batch, acts.zeros(), cots.zeros(),
+                                        (local.zeros(), exchanged.zeros()), kept.zeros())
             total = {dtype: average(jax.lax.psum(x.sum(0), "stage")) for dtype, x in summed.items()}
-            return {dtype: average(x)[None] for dtype, x in kept.items()}, total
+            return {dtype: average(x)[None] for dtype, x in sums.items()}, total
 
         spec = PartitionSpec
         shard = jax.shard_map(body, mesh=self.mesh, in_specs=(spec("stage"), spec(), spec(data or None)),
@@ -585,9 +593,9 @@ class RuntimeCost:
     """What the runtime does per step beyond the stages' own programs (what `inter` prices), and where
     it keeps the state (`Homes`: per input and output leaf, its stage row or `GLOBAL`)."""
 
-    p2p_bytes: float  # sent per device: every tick moves the packed buffers ahead and back, idle ticks too
+    p2p_bytes: float  # sent per device: the packed buffers, on each tick and direction the runtime moves one
     exchanged_bytes: float  # float32 gradients all-reduced over the stage axis after the ticks
-    stash_bytes: float  # received values each device keeps: v chunks x B microbatches
+    stash_bytes: float  # received values (v chunks x B microbatches), residuals (v x stash slots + 2 in use)
     packed_bytes: float  # the packed parameters a stage row's devices hold while the pipeline runs
     leaf_homes: tuple[int | None, ...]
     output_homes: tuple[int, ...]
@@ -601,10 +609,14 @@ def runtime_cost(cut: StageCut, sched: PL.Schedule) -> RuntimeCost:
     def nbytes(*packings):
         return sum(n * G.itemsize(d) for layout in packings for d, n in layout.lengths.items())
 
-    per_tick = nbytes(layouts.acts, layouts.cots)
-    return RuntimeCost(p2p_bytes=float(sched.num_ticks * per_tick),
+    ahead, back = PL.send_directions(sched).sum(axis=0)
+    received = sched.virtual * sched.num_microbatches * nbytes(layouts.acts, layouts.cots)
+    # Residuals: v x slots kept, plus the two slot-sized buffers a tick holds besides (XLA gives
+    # lax.switch's operand and result buffers of their own: the slot read, the slot a forward packs).
+    residuals = (sched.virtual * PL.stash_slots(sched) + 2) * nbytes(layouts.kept)
+    return RuntimeCost(p2p_bytes=float(ahead * nbytes(layouts.acts) + back * nbytes(layouts.cots)),
                        exchanged_bytes=float(nbytes(layouts.exchanged)),
-                       stash_bytes=float(sched.virtual * sched.num_microbatches * per_tick),
+                       stash_bytes=float(received + residuals),
                        packed_bytes=float(sched.virtual * nbytes(layouts.params)),
                        leaf_homes=homes_.leaves, output_homes=homes_.outputs)
 
@@ -617,6 +629,7 @@ class _Layouts:
     params: Packing
     acts: Packing
     cots: Packing
+    kept: Packing
     local: Packing
     exchanged: Packing
 
@@ -629,6 +642,7 @@ def _layouts(cut: StageCut, homes_: Homes) -> _Layouts:
     return _Layouts(
         params=packing([[leaf_tensor[i] for i in group] for group in homes_.packed], dtype_of, size_of),
         acts=packing(cut.ahead, dtype_of, size_of), cots=packing(cut.back, dtype_of, size_of),
+        kept=packing(cut.kept, dtype_of, size_of),
         local=packing(homes_.local, as_f32, size_of), exchanged=packing([homes_.exchanged], as_f32, size_of))
 
 
@@ -730,19 +744,27 @@ class StagedCompiled:
 
 def priced_step(compiled: StagedCompiled, schedule: PL.Schedule, mesh: jax.sharding.Mesh, cluster) -> dict:
     """Seconds per device of one step of a compiled pipelined step under ``cluster``, from its HLO:
-    the packing (the slowest row), the tick loop (each tick as long as its slowest stage's branch,
-    which the schedule's task table picks, plus the sends every tick), what the pipeline program runs
-    outside the loop (the exchange), and the updates (the slowest row's, then the whole mesh's)."""
+    the packing (the slowest row), the tick loops (each tick as long as its slowest stage's branch,
+    which the schedule's task table picks, plus its loop's sends and stash updates), what the pipeline
+    program runs outside them (the exchange, an inlined one-tick loop's sends), and the updates (the
+    slowest row's, then the whole mesh's).  The runtime runs one loop per run of ticks alike
+    (`pipeline.send_directions`); loops are matched to those runs by trip count (equal counts run the
+    same branches)."""
     from autoplan._src import hlo
 
     parts = hlo.loop_branches(compiled.programs["pipeline"], mesh, cluster)
     kinds, virtual, _ = PL.task_tables(schedule)
     n = schedule.num_stages * schedule.virtual
     index = np.where(kinds == 0, 0, np.where(kinds == 1, 1 + virtual, 1 + n + virtual))
-    if len(parts.branch_seconds) != 1 + 2 * n or parts.trip_count != schedule.num_ticks:
-        raise ValueError(f"the pipeline program has {len(parts.branch_seconds)} branches and {parts.trip_count} "
-                         f"ticks; the schedule needs {1 + 2 * n} and {schedule.num_ticks}")
-    ticks = sum(max(parts.branch_seconds[i] for i in row) for row in index)
+    runs = sorted(PL.tick_runs(PL.send_directions(schedule)), key=lambda run: run[1] - run[0])
+    loops = sorted(parts.loops, key=lambda loop: loop.trip_count)
+    if [end - start for start, end, _ in runs] != [loop.trip_count for loop in loops] or \
+            any(len(loop.branch_seconds) != 1 + 2 * n for loop in loops):
+        raise ValueError(f"the pipeline program has tick loops of {[loop.trip_count for loop in loops]} trips and "
+                         f"{[len(loop.branch_seconds) for loop in loops]} branches; the schedule runs "
+                         f"{[end - start for start, end, _ in runs]} with {1 + 2 * n}")
+    ticks = sum(max(loop.branch_seconds[i] for i in row)
+                for (start, end, _), loop in zip(runs, loops) for row in index[start:end])
 
     def report(name, row):
         program = compiled.programs.get(name)
@@ -751,7 +773,7 @@ def priced_step(compiled: StagedCompiled, schedule: PL.Schedule, mesh: jax.shard
 
     rows = range(schedule.num_stages)
     out = dict(pack=max(report(f"pack/{r}", r) for r in rows), ticks=ticks,
-               sends=schedule.num_ticks * parts.iteration_seconds, outside=parts.outside_seconds,
+               sends=sum(loop.trip_count * loop.iteration_seconds for loop in loops), outside=parts.outside_seconds,
                update=max(report(f"update/{r}", r) for r in rows) + report("update/global", None))
     return out | {"step": sum(out.values())}
 
