@@ -59,7 +59,7 @@ def _layout(stages) -> str:
     return " / ".join(f"{'+'.join(s.layers)} @ {s.mesh.as_dict()}" for s in stages)
 
 
-def _priced_plan(plan, spec, args, graph) -> float:
+def priced_plan(plan, spec, args, graph) -> float:
     """Seconds per step of the program `autoparallel` runs for ``plan``, priced from its compiled HLO."""
     mesh = emit.device_mesh(plan.mesh)
     if len(plan.stages) > 1:
@@ -150,11 +150,11 @@ def main() -> None:
         runs = chosen.schedule if len(chosen.stages) > 1 else "no pipeline"
         rows.append(dict(cluster=name, plan=f"chosen (stage DP, {runs})", stages=len(chosen.stages),
                          microbatches=chosen.microbatches, predicted_ms=1e3 * chosen.cost.step_seconds,
-                         priced_ms=1e3 * _priced_plan(chosen, spec, args, graph), layout=_layout(chosen.stages),
+                         priced_ms=1e3 * priced_plan(chosen, spec, args, graph), layout=_layout(chosen.stages),
                          plan_seconds=round(plan_seconds, 1)))
         rows.append(dict(cluster=name, plan="best non-pipelined", stages=1, microbatches=1,
                          predicted_ms=1e3 * flat.cost.step_seconds,
-                         priced_ms=1e3 * _priced_plan(flat, spec, args, graph),
+                         priced_ms=1e3 * priced_plan(flat, spec, args, graph),
                          layout=str(flat.mesh.as_dict()), plan_seconds=""))
         rows.append(dict(cluster=name, plan="hand 1F1B, equal layers, data parallel stages", stages=2, microbatches=b,
                          predicted_ms=1e3 * hand.step_seconds, priced_ms=1e3 * hand_priced, layout=_layout(hand.stages),

@@ -447,3 +447,28 @@ def test_roofline_is_the_slower_of_flops_and_bytes_per_kernel():
     matmul = jax.jit(lambda a, b: a @ b).lower(_sds(m, m), _sds(m, m)).compile()
     report = hlo.compiled_report(matmul, MESH_SHAPE, CLUSTER)
     assert report.compute_seconds == pytest.approx(2 * m ** 3 / CLUSTER.device_flops, rel=1e-6)
+
+
+def test_fusion_updating_a_slot_in_place_moves_the_slot_not_the_buffer():
+    """A fusion whose root updates one window of a buffer (`x.at[i].set(where(p, y, x[i]))`, as the
+    pipeline's stash stores compile) and whose only other read of that buffer slices the same window
+    runs in place in XLA: it reads the window and y and writes the window, not the 4-slot buffer."""
+    window, buffer = 4 * 1024, 4 * 4 * 1024
+    text = (
+        "HloModule m\n\n"
+        "%fused (b: f32[4,1024], i: s32[], y: f32[1,1024], p: pred[]) -> f32[4,1024] {\n"
+        "  %b = f32[4,1024]{1,0} parameter(0)\n  %i = s32[] parameter(1)\n  %y = f32[1,1024]{1,0} parameter(2)\n"
+        "  %p = pred[] parameter(3)\n  %z = s32[] constant(0)\n"
+        "  %old = f32[1,1024]{1,0} dynamic-slice(%b, %i, %z), dynamic_slice_sizes={1,1024}\n"
+        "  %bp = pred[1,1024]{1,0} broadcast(%p), dimensions={}\n"
+        "  %new = f32[1,1024]{1,0} select(%bp, %y, %old)\n"
+        "  ROOT %u = f32[4,1024]{1,0} dynamic-update-slice(%b, %new, %i, %z)\n}\n\n"
+        "ENTRY %main (b: f32[4,1024], i: s32[], y: f32[1,1024], p: pred[]) -> f32[4,1024] {\n"
+        "  %b = f32[4,1024]{1,0} parameter(0)\n  %i = s32[] parameter(1)\n  %y = f32[1,1024]{1,0} parameter(2)\n"
+        "  %p = pred[] parameter(3)\n"
+        "  ROOT %f = f32[4,1024]{1,0} fusion(%b, %i, %y, %p), kind=kLoop, calls=%fused\n}\n")
+    (kernel,) = hlo.kernels(text)
+    assert kernel.bytes == window + 4 + window + 1 + window < buffer  # window read, i, y, p, window written
+    # Sliced at another window, the buffer is read whole (XLA copies it rather than update in place).
+    other = text.replace("dynamic-slice(%b, %i, %z)", "dynamic-slice(%b, %z, %z)")
+    assert hlo.kernels(other)[0].bytes == window + 4 + window + 1 + buffer

@@ -118,6 +118,11 @@ def test_data_parallel_stages_equal_single_device_and_reduce_once_per_step():
                     for r in range(2)]
     assert [(c.kind, c.axes, c.repeats) for c in reduced] == [("all-reduce", ("data",), 1)]
     assert reduced[0].nbytes == 4 * (max(row_elements[0], row_elements[1] + 1))
+    # A forward keeps for its backward only what a matmul, reduction or the like made (a GELU's input,
+    # not its tanh); the backward runs the elementwise and layout operators again, as XLA's fusion would.
+    cut = staged.cut(params, opt_state, batches[0])
+    made = {cut.split.graph.ops[cut.split.graph.tensors[t].producer].primitive for row in cut.kept for t in row}
+    assert made and not made & staging.RECOMPUTED and "dot_general" in made
 
 
 @pytest.mark.parametrize("name,stages,microbatches,style", [("gpipe", 2, 4, "scan")])

@@ -863,9 +863,12 @@ def _fusion_bytes(comps, instr: _Instr, shapes: Mapping[str, object]) -> float:
         uses = users.get(param.name, []) if param is not None else []
         if uses and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == param.name for u in uses):
             full = float(sum(_shape_bytes(u.shape) for u in uses))
-        elif root is not None and root.opcode == "dynamic-update-slice" and uses == [root] \
-                and root.operands[0] == param.name:
-            full = 0.0  # updated in place: only the update is written
+        elif root is not None and root.opcode == "dynamic-update-slice" and root.operands[0] == param.name \
+                and all(u is root or (u.opcode == "dynamic-slice" and u.operands[1:] == root.operands[2:])
+                        for u in uses):
+            # Updated in place (XLA shares the buffer when every other read slices the updated window):
+            # only the update is written, and the window read.
+            full = float(sum(_shape_bytes(u.shape) for u in uses if u is not root))
         total += full
     return total
 

@@ -13,8 +13,9 @@ to later stages and cotangents only to earlier ones.  Then:
   stage every forward value that a later stage reads (its own, and those it
   received and passes on);
 * ``F(vs)`` also keeps, on its own row until the microbatch's backward, the
-  forward values it made that its backward reads (the residuals: no forward
-  is recomputed, unless the user's own remat asked for it);
+  forward values it made that its backward reads (the residuals), except
+  those of elementwise and layout operators, which the backward runs again
+  (`RECOMPUTED`; no matmul is recomputed unless the user's own remat asks);
 * ``B(vs)`` runs the stage's own backward ops (the user's: custom VJPs and
   remat policies are kept) on the values it received and kept, and sends the
   previous stage every value an earlier stage's backward reads;
@@ -54,6 +55,7 @@ from autoplan._src import emit as E
 from autoplan._src import graph as G
 from autoplan._src import inter
 from autoplan._src import pipeline as PL
+from autoplan._src.strategies.base import FUSIBLE_PRODUCERS
 
 _COMPUTE = (G.FORWARD, G.BACKWARD, G.OPTIMIZER)
 
@@ -153,6 +155,31 @@ def _assign(split: PL.GradientSplit, unit_stage: Sequence[int]) -> list[int]:
     return stage
 
 
+# Forward operators a stage's backward runs again rather than keep their results from the forward:
+# elementwise and layout operators, which XLA fuses into their consumers at no extra memory traffic.
+RECOMPUTED = frozenset(FUSIBLE_PRODUCERS) - {"iota"}
+
+
+def _residuals(graph: G.Graph, forward_ops: Sequence[int], read: set[int]) -> tuple[tuple[int, ...], list[int]]:
+    """What a stage's forward keeps for its backward, and which forward operators the backward runs
+    again: of the forward values ``read`` (by the backward or sent back), those an elementwise or layout
+    operator made are recomputed from its operands (recursively), the rest kept.  So a GELU keeps its
+    matmul's output, not the half-dozen intermediates JAX's autodiff reads, as XLA's own fusion would."""
+    mine = {t: i for i in forward_ops for t in graph.ops[i].outputs}
+    keep: set[int] = set()
+    again: set[int] = set()
+    pending = [t for t in read if t in mine]
+    while pending:
+        t = pending.pop()
+        op = graph.ops[mine[t]]
+        if op.primitive not in RECOMPUTED:
+            keep.add(t)
+        elif op.id not in again:
+            again.add(op.id)
+            pending += [u for u in op.inputs if u != G.LITERAL and u in mine]
+    return tuple(sorted(keep)), sorted(again)
+
+
 def cut_stages(split: PL.GradientSplit, bounds: Sequence[tuple[int, int]]) -> StageCut:
     """Cut ``split``'s gradient part into virtual stages, stage ``k`` owning pipeline layers
     ``bounds[k]`` (ranges of `inter.layer_units` of the traced graph)."""
@@ -187,9 +214,10 @@ def cut_stages(split: PL.GradientSplit, bounds: Sequence[tuple[int, int]]) -> St
         fwd = [i for i in mine if graph.ops[i].role != G.BACKWARD]
         bwd = [i for i in mine if graph.ops[i].role == G.BACKWARD]
         forward.append(ops_reading(fwd))
-        backward.append(ops_reading(bwd))
         read_back = {t for i in bwd for t in graph.ops[i].inputs if t != G.LITERAL} | back[k]
-        kept.append(tuple(sorted({t for i in fwd for t in graph.ops[i].outputs} & read_back)))
+        keep, again = _residuals(graph, fwd, read_back)
+        backward.append(ops_reading(bwd + again))
+        kept.append(keep)
         read = {graph.tensors[t].producer for i in mine for t in graph.ops[i].inputs if t != G.LITERAL}
         inputs.append(tuple(graph.input_ops.index(o) for o in sorted(read)
                             if graph.ops[o].role == G.INPUT and o not in batch))
