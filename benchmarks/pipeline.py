@@ -51,6 +51,28 @@ DEVICES = 8
 MICROBATCHES = 4  # pinned for every plan here: the stage DP over B as well takes 5x longer to plan
 
 
+HEADINGS = {"microbatches": "B", "predicted_ms": "predicted (ms)", "priced_ms": "priced from HLO (ms)",
+            "plan_seconds": "planning (s)"}
+
+
+def write_results(name: str, intro: str, rows: list[dict]) -> None:
+    """benchmarks/results/<name>.csv with ``rows``, and <name>.md: ``intro`` and a table of them."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"{name}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    columns = list(rows[0])
+    lines = [intro, "", "| " + " | ".join(HEADINGS.get(c, c) for c in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.3f}" if c.endswith("_ms") and row[c] != "" else str(row[c]) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def _mesh(axes: dict) -> jax.sharding.Mesh:
     return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
@@ -165,24 +187,12 @@ def main() -> None:
         if name == "slow-link":  # the chosen pipeline's schedule, or the hand pipeline's if none is chosen
             _write_schedule(pl.schedule(chosen.schedule, stages=len(chosen.stages), microbatches=chosen.microbatches)
                             if len(chosen.stages) > 1 else pl.schedule("1f1b", stages=2, microbatches=b))
-    with open(os.path.join(RESULTS, "pipeline.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(RESULTS, "pipeline.md"), "w") as f:
-        f.write(f"{MODEL} {OVERRIDES} (Adam) on {DEVICES} devices in nodes of 4. predicted: the cost model's step (pipelines: "
-                "ticks in lock step + sends, as the runtime runs them; update and packing unpriced); "
-                "priced: the same cluster model applied to the programs XLA compiled (pipelines: packing + "
-                "ticks, each as long as its slowest stage's branch, + the tick loops' sends and stash updates + "
-                "exchange + updates). Planning "
-                "time on this machine's 2 CPU cores.\n\n"
-                "| cluster | plan | stages | B | predicted (ms) | priced from HLO (ms) | layout | planning (s) |\n"
-                "|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            priced = f"{r['priced_ms']:.3f}" if r["priced_ms"] != "" else ""
-            f.write(f"| {r['cluster']} | {r['plan']} | {r['stages']} | {r['microbatches']} | {r['predicted_ms']:.3f} | "
-                    f"{priced} | {r['layout']} | {r['plan_seconds']} |\n")
-    print(open(os.path.join(RESULTS, "pipeline.md")).read())
+    write_results("pipeline", f"{MODEL} {OVERRIDES} (Adam) on {DEVICES} devices in nodes of 4. predicted: the cost "
+                  "model's step (pipelines: ticks in lock step + sends, as the runtime runs them; update and "
+                  "packing unpriced); priced: the same cluster model applied to the programs XLA compiled "
+                  "(pipelines: packing + ticks, each as long as its slowest stage's branch, + the tick loops' "
+                  "sends and stash updates + exchange + updates). Planning time on this machine's 2 CPU cores.",
+                  rows)
 
 
 if __name__ == "__main__":

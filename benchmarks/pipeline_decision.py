@@ -13,8 +13,6 @@ and the best 2-stage plans under GPipe and 1F1B.  Writes benchmarks/results/pipe
 
 from __future__ import annotations
 
-import csv
-import os
 import time
 
 import jax
@@ -22,7 +20,6 @@ import jax
 import autoplan
 from autoplan._src import trace
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DEVICES = 4
 MICROBATCHES = 4
 OVERRIDES = dict(layers=4, hidden=256, seq_len=32, vocab_size=512, batch=64)
@@ -41,6 +38,7 @@ def _layout(plan) -> str:
 
 def main() -> None:
     from pipeline import priced_plan
+    from pipeline import write_results
 
     spec = autoplan.models.get("gpt-tiny", **OVERRIDES)
     params, opt_state = spec.abstract_state()
@@ -68,24 +66,11 @@ def main() -> None:
                              priced_ms=1e3 * priced_plan(pinned, spec, args, graph), layout=_layout(pinned),
                              plan_seconds=""))
             print(rows[-1], flush=True)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "pipeline_decision.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(RESULTS, "pipeline_decision.md"), "w") as f:
-        f.write(f"gpt-tiny {OVERRIDES} (Adam), {MICROBATCHES} microbatches, on {DEVICES} devices in nodes of 2 at "
-                "2.5 TF/s; inter-node 3 GB/s (slow) or 300 GB/s (equal). predicted: the planner's cost model "
-                "(pipelines as the runtime runs them; update and packing unpriced); priced: the same cluster "
-                "model on the programs XLA compiled (pipelines: packing + tick loops + exchange + updates). "
-                "Planning time on this machine's 2 CPU cores.\n\n"
-                "| cluster | plan | stages | predicted (ms) | priced from HLO (ms) | layout | planning (s) |\n"
-                "|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            priced = f"{r['priced_ms']:.3f}" if r["priced_ms"] != "" else ""
-            f.write(f"| {r['cluster']} | {r['plan']} | {r['stages']} | {r['predicted_ms']:.3f} | {priced} | "
-                    f"{r['layout']} | {r['plan_seconds']} |\n")
-    print(open(os.path.join(RESULTS, "pipeline_decision.md")).read())
+    write_results("pipeline_decision", f"gpt-tiny {OVERRIDES} (Adam), {MICROBATCHES} microbatches, on {DEVICES} "
+                  "devices in nodes of 2 at 2.5 TF/s; inter-node 3 GB/s (slow) or 300 GB/s (equal). predicted: "
+                  "the planner's cost model (pipelines as the runtime runs them; update and packing unpriced); "
+                  "priced: the same cluster model on the programs XLA compiled (pipelines: packing + tick loops + "
+                  "exchange + updates). Planning time on this machine's 2 CPU cores.", rows)
 
 
 if __name__ == "__main__":
