@@ -866,7 +866,8 @@ def send_directions(sched: Schedule) -> np.ndarray:
     of alike ticks, so where those runs would be more than `MAX_SEND_LOOPS` (1F1B's steady state
     alternates), the adjacent runs whose merge adds the fewest sends are merged, moving where either did.
 
-    GPipe needs ahead on ticks 0-1 and back on ticks 3-4; the idle ticks 2 and 5 join their neighbours:
+    GPipe needs ahead on ticks 0-1 and back on ticks 3-4; ticks 2 and 5, where no row sends, join
+    their neighbours and move too:
 
     >>> send_directions(schedule("gpipe", stages=2, microbatches=2)).astype(int).T.tolist()
     [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]
