@@ -1026,8 +1026,9 @@ def loop_branches(compiled_or_text, mesh, cluster) -> LoopBranches:
     reachable = [name for name in comps if name in from_entry]
     switches = [(name, i) for name in reachable for i in comps[name] if i.opcode == "conditional"]
     branches = {i.name: _called(i.attrs, "branch_computations") for _, i in switches}
-    nested = set().union(*(_reachable(comps, b) for found in branches.values() for b in found))
-    ticks = [(name, i) for name, i in switches if name not in nested]
+    below = {b: _reachable(comps, b) for found in branches.values() for b in found}
+    in_branches = set().union(*below.values())  # a nested switch lies inside a tick switch's branches
+    ticks = [(name, i) for name, i in switches if name not in in_branches]
     if not ticks:
         raise ValueError("expected a tick switch (a conditional, in a while loop or inlined); found none")
     loop_of = {_called(i.attrs, "body")[0]: i for name in reachable for i in comps[name] if i.opcode == "while"}
@@ -1036,8 +1037,6 @@ def loop_branches(compiled_or_text, mesh, cluster) -> LoopBranches:
         compute = roofline_seconds(_walk_kernels(comps, root, 1, frozenset(skip)), cluster, rate)
         return compute + communication_seconds([c for c in colls if c.computation in names], mesh, cluster)
 
-    below = {b: _reachable(comps, b) for _, i in ticks for b in branches[i.name]}
-    in_branches = set().union(*below.values())
     in_loops: set[str] = set()
     loops = []
     for name, switch in ticks:

@@ -628,7 +628,7 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
         raise ValueError(f"stages={stages} does not divide the {total} devices into equal submeshes; "
                          f"pick a divisor of {total}")
     if stages != 1:
-        unstacked = _unstacked(fn, args, stages, schedules[0])
+        unstacked = _unstacked(fn, args, stages, schedule)
         if unstacked is not None:
             return _plan_unstacked(unstacked, fn, args, mesh=mesh, num_devices=num_devices, cluster=cluster,
                                    memory_budget=memory_budget, stages=stages, microbatches=microbatches,
@@ -669,7 +669,7 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     return _pipeline_plan(choice, runtime, parts, cost, trace_at(1), cluster, memory_budget, time_limit, api, P)
 
 
-def _unstacked(fn, args, stages: int | None, schedule: str):
+def _unstacked(fn, args, stages: int | None, schedule: str | None):
     """`stacked.Unstacked` of a step that scans over one stack of layers (an ``nn.scan`` of blocks), so
     that stages can cut the stack; None for a step without one (or already cut)."""
     from autoplan._src import stacked

@@ -872,10 +872,8 @@ def send_directions(sched: Schedule) -> np.ndarray:
     >>> send_directions(schedule("gpipe", stages=2, microbatches=2)).astype(int).T.tolist()
     [[1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]
     """
-    kinds, virtual, _ = task_tables(sched)
-    last = sched.num_stages * sched.virtual - 1
-    needed = np.stack([((kinds == 1) & (virtual < last)).any(axis=1), ((kinds == 2) & (virtual > 0)).any(axis=1)],
-                      axis=1)
+    ahead, back = _sending(sched)
+    needed = np.stack([ahead.any(axis=1), back.any(axis=1)], axis=1)
     runs = [[start, end, np.array(flags)] for start, end, flags in tick_runs(needed)]
     while len(runs) > MAX_SEND_LOOPS:
         def added(i):
@@ -888,6 +886,14 @@ def send_directions(sched: Schedule) -> np.ndarray:
     for start, end, flags in runs:
         out[start:end] = flags
     return out
+
+
+def _sending(sched: Schedule) -> tuple[np.ndarray, np.ndarray]:
+    """``[tick, row]`` booleans: whether a row's task sends its output ahead (a forward whose virtual
+    stage is not the last) and its cotangent back (a backward whose virtual stage is not the first)."""
+    kinds, virtual, _ = task_tables(sched)
+    last = sched.num_stages * sched.virtual - 1
+    return (kinds == 1) & (virtual < last), (kinds == 2) & (virtual > 0)
 
 
 def stash_slots(sched: Schedule) -> int:
@@ -963,6 +969,7 @@ def run_ticks(sched: Schedule, branches: Sequence[Callable], params_row, batch, 
     behind = [(i, (i - 1) % stages) for i in range(stages)]
     s = jax.lax.axis_index("stage")
     tables = jnp.asarray(kinds), jnp.asarray(virtual), jnp.asarray(micro)
+    sends_ahead, sends_back = map(jnp.asarray, _sending(sched))
 
     def task(t, stage):
         return tuple(table[t, stage] for table in tables)
@@ -990,12 +997,12 @@ def run_ticks(sched: Schedule, branches: Sequence[Callable], params_row, batch, 
             kept = jax.tree_util.tree_map(lambda x, y: x.at[chunk, m % slots].set(y), kept, keep)
             if send_ahead:
                 y = jax.lax.ppermute(y, "stage", ahead)
-                kind_p, vs_p, m_p = task(t, (s - 1) % stages)
-                act_in = store(act_in, (kind_p == 1) & (vs_p < n_virtual - 1), (vs_p + 1) // stages, m_p, y)
+                _, vs_p, m_p = task(t, (s - 1) % stages)
+                act_in = store(act_in, sends_ahead[t, (s - 1) % stages], (vs_p + 1) // stages, m_p, y)
             if send_back:
                 dx = jax.lax.ppermute(dx, "stage", behind)
-                kind_n, vs_n, m_n = task(t, (s + 1) % stages)
-                cot_in = store(cot_in, (kind_n == 2) & (vs_n > 0), (vs_n - 1) // stages, m_n, dx)
+                _, vs_n, m_n = task(t, (s + 1) % stages)
+                cot_in = store(cot_in, sends_back[t, (s + 1) % stages], (vs_n - 1) // stages, m_n, dx)
             return act_in, cot_in, kept, acc
         return run
 
