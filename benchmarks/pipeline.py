@@ -77,8 +77,16 @@ def _mesh(axes: dict) -> jax.sharding.Mesh:
     return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
-def _layout(stages) -> str:
-    return " / ".join(f"{'+'.join(s.layers)} @ {s.mesh.as_dict()}" for s in stages)
+def layout(plan) -> str:
+    """Each stage's layers and mesh; a one-stage plan's mesh."""
+    if len(plan.stages) <= 1:
+        return str(plan.mesh.as_dict())
+    return " / ".join(f"{'+'.join(s.layers)} @ {s.mesh.as_dict()}" for s in plan.stages)
+
+
+def schedule_label(choice) -> str:
+    """The schedule a plan or runner-up runs; a one-stage one runs none."""
+    return choice.schedule if len(choice.stages) > 1 else "no pipeline"
 
 
 def priced_plan(plan, spec, args, graph) -> float:
@@ -169,21 +177,22 @@ def main() -> None:
         flat = autoplan.plan(spec.train_step, *args, num_devices=DEVICES, cluster=cluster)
         b = MICROBATCHES
         hand, hand_priced = _hand_pipeline(spec, args, cluster, b)
-        runs = chosen.schedule if len(chosen.stages) > 1 else "no pipeline"
-        rows.append(dict(cluster=name, plan=f"chosen (stage DP, {runs})", stages=len(chosen.stages),
-                         microbatches=chosen.microbatches, predicted_ms=1e3 * chosen.cost.step_seconds,
-                         priced_ms=1e3 * priced_plan(chosen, spec, args, graph), layout=_layout(chosen.stages),
+        rows.append(dict(cluster=name, plan=f"chosen (stage DP, {schedule_label(chosen)})",
+                         stages=len(chosen.stages), microbatches=chosen.microbatches,
+                         predicted_ms=1e3 * chosen.cost.step_seconds,
+                         priced_ms=1e3 * priced_plan(chosen, spec, args, graph), layout=layout(chosen),
                          plan_seconds=round(plan_seconds, 1)))
         rows.append(dict(cluster=name, plan="best non-pipelined", stages=1, microbatches=1,
                          predicted_ms=1e3 * flat.cost.step_seconds,
                          priced_ms=1e3 * priced_plan(flat, spec, args, graph),
-                         layout=str(flat.mesh.as_dict()), plan_seconds=""))
+                         layout=layout(flat), plan_seconds=""))
         rows.append(dict(cluster=name, plan="hand 1F1B, equal layers, data parallel stages", stages=2, microbatches=b,
-                         predicted_ms=1e3 * hand.step_seconds, priced_ms=1e3 * hand_priced, layout=_layout(hand.stages),
+                         predicted_ms=1e3 * hand.step_seconds, priced_ms=1e3 * hand_priced, layout=layout(hand),
                          plan_seconds=""))
         for alt in chosen.alternatives:
-            rows.append(dict(cluster=name, plan=f"runner-up ({alt.schedule})", stages=len(alt.stages), microbatches=alt.microbatches,
-                             predicted_ms=1e3 * alt.step_seconds, priced_ms="", layout=alt.describe(), plan_seconds=""))
+            rows.append(dict(cluster=name, plan=f"runner-up ({schedule_label(alt)})", stages=len(alt.stages),
+                             microbatches=alt.microbatches, predicted_ms=1e3 * alt.step_seconds, priced_ms="",
+                             layout=alt.describe(), plan_seconds=""))
         if name == "slow-link":  # the chosen pipeline's schedule, or the hand pipeline's if none is chosen
             _write_schedule(pl.schedule(chosen.schedule, stages=len(chosen.stages), microbatches=chosen.microbatches)
                             if len(chosen.stages) > 1 else pl.schedule("1f1b", stages=2, microbatches=b))

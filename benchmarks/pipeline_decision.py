@@ -30,14 +30,10 @@ def _cluster(name: str, inter_node_bandwidth: float) -> autoplan.Cluster:
                             intra_node_bandwidth=300e9, inter_node_bandwidth=inter_node_bandwidth, latency=10e-6)
 
 
-def _layout(plan) -> str:
-    if len(plan.stages) <= 1:
-        return str(plan.mesh.as_dict())
-    return " / ".join(f"{'+'.join(s.layers)} @ {s.mesh.as_dict()}" for s in plan.stages)
-
-
 def main() -> None:
+    from pipeline import layout
     from pipeline import priced_plan
+    from pipeline import schedule_label
     from pipeline import write_results
 
     spec = autoplan.models.get("gpt-tiny", **OVERRIDES)
@@ -50,12 +46,11 @@ def main() -> None:
         start = time.perf_counter()
         chosen = autoplan.plan(spec.train_step, *args, num_devices=DEVICES, cluster=cluster, microbatches=MICROBATCHES)
         seconds = time.perf_counter() - start
-        runs = chosen.schedule if len(chosen.stages) > 1 else "no pipeline"
-        rows.append(dict(cluster=name, plan=f"chosen ({runs})", stages=len(chosen.stages),
-                         predicted_ms=1e3 * chosen.cost.step_seconds, priced_ms="", layout=_layout(chosen),
+        rows.append(dict(cluster=name, plan=f"chosen ({schedule_label(chosen)})", stages=len(chosen.stages),
+                         predicted_ms=1e3 * chosen.cost.step_seconds, priced_ms="", layout=layout(chosen),
                          plan_seconds=round(seconds, 1)))
         for alt in chosen.alternatives:
-            rows.append(dict(cluster=name, plan=f"runner-up ({alt.schedule if len(alt.stages) > 1 else 'no pipeline'})",
+            rows.append(dict(cluster=name, plan=f"runner-up ({schedule_label(alt)})",
                              stages=len(alt.stages), predicted_ms=1e3 * alt.step_seconds, priced_ms="",
                              layout=alt.describe(), plan_seconds=""))
         for stages, schedule in ((1, None), (2, "gpipe"), (2, "1f1b")):
@@ -63,7 +58,7 @@ def main() -> None:
                                    schedule=schedule, microbatches=MICROBATCHES)
             rows.append(dict(cluster=name, plan=f"pinned: {stages} stage(s), {schedule or 'no pipeline'}",
                              stages=stages, predicted_ms=1e3 * pinned.cost.step_seconds,
-                             priced_ms=1e3 * priced_plan(pinned, spec, args, graph), layout=_layout(pinned),
+                             priced_ms=1e3 * priced_plan(pinned, spec, args, graph), layout=layout(pinned),
                              plan_seconds=""))
             print(rows[-1], flush=True)
     write_results("pipeline_decision", f"gpt-tiny {OVERRIDES} (Adam), {MICROBATCHES} microbatches, on {DEVICES} "
