@@ -10,7 +10,8 @@ Three programs per cluster for one GPT training step (Adam), 8 devices in nodes 
   the 4 devices of each stage.
 
 "predicted" is the cost model's step (pipelines: the schedule's ticks in lock step and the sends,
-`inter.lockstep_parts`, as the planner prices its own; optimizer update and packing unpriced); "priced"
+`inter.lockstep_parts`, as the planner prices its own; the optimizer update and the gradient
+accumulation at device memory bandwidth, `inter.update_parts`; packing unpriced); "priced"
 is the same alpha-beta / roofline model applied to the programs XLA compiled: the pipelines' packing,
 tick loops (each tick as long as its slowest stage's branch, picked by the schedule's task table, plus
 the point-to-point sends and stash updates of its loop),
@@ -122,9 +123,11 @@ def _hand_pipeline(spec, args, cluster, microbatches: int):
     in_specs = [jax.sharding.PartitionSpec("data") if i in batch else jax.sharding.PartitionSpec()
                 for i in range(len(graph.input_ops))]
     staged = staging.StagedStep(spec.train_step, sched, mesh, bounds, in_specs=in_specs, data_axes=("data",))
-    # Priced as the planner prices its own pipelines: the runtime's ticks in lock step and its sends.
+    # Priced as the planner prices its own pipelines: the runtime's ticks in lock step, its sends, the
+    # update and the gradient accumulation.
     parts = inter.lockstep_parts(predicted, [[s.seconds] for s in predicted.stages],
                                  staged.runtime_cost(*args).p2p_bytes, cluster)
+    parts |= inter.update_parts(predicted, inter._stage_options(predicted, cost), cluster)
     predicted = dataclasses.replace(predicted, step_seconds=sum(parts.values()))
     compiled = staging.StagedCompiled(programs=staged.compile(*args))
     return predicted, staging.priced_step(compiled, sched, mesh, cluster)["step"]
@@ -197,8 +200,9 @@ def main() -> None:
             _write_schedule(pl.schedule(chosen.schedule, stages=len(chosen.stages), microbatches=chosen.microbatches)
                             if len(chosen.stages) > 1 else pl.schedule("1f1b", stages=2, microbatches=b))
     write_results("pipeline", f"{MODEL} {OVERRIDES} (Adam) on {DEVICES} devices in nodes of 4. predicted: the cost "
-                  "model's step (pipelines: ticks in lock step + sends, as the runtime runs them; update and "
-                  "packing unpriced); priced: the same cluster model applied to the programs XLA compiled "
+                  "model's step (pipelines: ticks in lock step + sends, as the runtime runs them; all: update "
+                  "and gradient accumulation at memory bandwidth; packing unpriced); priced: the same cluster "
+                  "model applied to the programs XLA compiled "
                   "(pipelines: packing + ticks, each as long as its slowest stage's branch, + the tick loops' "
                   "sends and stash updates + exchange + updates). Planning time on this machine's 2 CPU cores.",
                   rows)

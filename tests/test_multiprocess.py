@@ -63,38 +63,6 @@ def _our_lines(out: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("xla-cache")
-    e = dict(os.environ)
-    e.update(PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    e.pop("AUTOPLAN_TEST_STALL_SAVE", None)
-    e.pop("XLA_FLAGS", None)
-    return e
-
-
-def _args(tmp: Path, tag: str) -> list[str]:
-    return [sys.executable, "-m", "autoplan", "train", "--model", "gpt-tiny", "--mesh", "8",
-            "--steps", str(STEPS), "--save-every", "3", "--ckpt", str(tmp / f"ckpt-{tag}"),
-            "--log-file", str(tmp / f"log-{tag}.json"), "--plan-out", str(tmp / f"plan-{tag}-{{process}}.json")]
-
-
-def _losses(path: Path) -> dict[int, float]:
-    return {int(k): v for k, v in json.loads(path.read_text())["losses"].items()}
-
-
-_GLOO_LINE = re.compile(r"(\[Gloo\] )?(Rank )?\d+ is connected to \d+ peer ranks\. "
-                        r"Expected number of connected peer ranks is : \d+")
-
-
-def _our_lines(out: str) -> list[str]:
-    # gloo's C++ side prints "[Gloo] Rank i is connected ..." to stdout from several threads, so two such lines
-    # can interleave mid-line ("[Gloo] Rank [Gloo] Rank 6 ...", then "4 is connected ..."); none of that is ours
-    return [line for line in out.splitlines()
-            if line.strip() and not _GLOO_LINE.fullmatch(re.sub(r"^(\[Gloo\] Rank )+", "[Gloo] Rank ", line))]
-
-
-@pytest.fixture(scope="module")
 def two_processes(env, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mp")
     port = _free_port()

@@ -257,6 +257,14 @@ def test_one_stage_microbatched_plan_loops_data_parallel_in_the_plans_layouts():
     assert collectives and all(c.repeats == 1 for c in collectives)
     reduced = sum(c.nbytes for c in collectives if c.kind == "all-reduce")
     assert reduced == 4 * (sum(x.size for x in jax.tree_util.tree_leaves(params)) + 1)
+    # Its step pays what the stage DP leaves out: summing 2 microbatches' gradients and the update, at
+    # memory bandwidth.  Every data-parallel replica sums the whole model's float32 gradients (they are
+    # averaged once, after the loop): a read and a write of all of them per microbatch.
+    parts = plan.solver["pipeline_seconds"]
+    assert set(parts) == {"stage", "update", "accumulate"} and plan.cost.step_seconds == pytest.approx(
+        sum(parts.values()), rel=1e-12)
+    whole = 4 * sum(x.size for x in jax.tree_util.tree_leaves(params))
+    assert parts["accumulate"] == pytest.approx(2 * 2 * whole / cluster.memory_bandwidth, rel=1e-6)
 
 
 def test_pipeline_bounds_from_plan_stages():

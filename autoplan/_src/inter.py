@@ -54,6 +54,7 @@ class StageOption:
     seconds: float
     weight_bytes: float
     activation_bytes: float
+    gradient_bytes: float = 0.0  # the range's gradients, per device (what microbatches sum into)
     detail: Any = dataclasses.field(default=None, compare=False)
 
     def memory(self, in_flight: int) -> float:
@@ -523,7 +524,7 @@ class GraphStageCosts:
         """The `StageOption` of the ILP's plan of ``sub`` on ``mesh`` (the fastest, with no memory budget:
         the DP drops options that do not fit)."""
         plan, sync = self._solve(sub, mesh, name)
-        params = [leaf for leaf in plan.inputs if not leaf.path.startswith("boundary/")]
+        params = [leaf for leaf in plan.inputs if not leaf.path.startswith(("boundary/", self.batch_prefix))]
         param_bytes = sum(leaf.nbytes for leaf in params)
         fraction = sum(leaf.device_bytes(mesh) for leaf in params) / param_bytes if param_bytes else 1.0
         boundary = sum(leaf.device_bytes(mesh) for leaf in plan.inputs if leaf.path.startswith("boundary/"))
@@ -531,6 +532,7 @@ class GraphStageCosts:
         # so B microbatches through the slowest stage pay them once.
         seconds = plan.cost.step_seconds - sync + sync / microbatches + self._receive_seconds(plan, mesh)
         return StageOption(mesh=mesh, seconds=seconds, weight_bytes=(state + param_bytes) * fraction,
+                           gradient_bytes=param_bytes * fraction,
                            activation_bytes=max(plan.cost.memory_bytes - param_bytes * fraction, 0.0) + boundary,
                            detail=plan)
 
@@ -657,7 +659,10 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
     choices = []
     for name in schedules:
         try:
+            # Every (stages, B) pair's best is kept: `_with_runtime_cost` re-ranks them with what the DP
+            # leaves out (the update, the accumulation, the runtime's lock step).
             choice = solve_stages(len(units), total, cost, microbatches=counts, schedule=name,
+                                  keep=len(counts) * len(candidates),
                                   memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
                                   layer_names=layer_names, equal_share=_stack_share(args, units, name))
         except ValueError:
@@ -816,6 +821,9 @@ def lockstep_parts(choice: PipelineChoice, chunk_seconds: Sequence[Sequence[floa
     return {"ticks": float(task.max(axis=1).sum()), "sends": sends}
 
 
+KEPT_ALTERNATIVES = 8  # runner-up plans a pipelined plan lists
+
+
 def _pooled(choices: Sequence[PipelineChoice]) -> PipelineChoice:
     """The first choice with every other schedule's pipelines among its alternatives (a one-stage plan
     runs no schedule: it is kept once)."""
@@ -826,8 +834,9 @@ def _pooled(choices: Sequence[PipelineChoice]) -> PipelineChoice:
 
 def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
     """The DP's choice and alternatives priced as the runtime runs them (`_step_parts`: ticks in lock
-    step, the sends, and the all-reduce over the stage axis of the gradients another stage's update
-    reads).  Re-ranked; the best is returned with its `_runtime_cost` and its `_step_parts`."""
+    step, the sends, the all-reduce over the stage axis of the gradients another stage's update
+    reads, the update and the gradient accumulation).  Re-ranked; the best is returned with its
+    `_runtime_cost` and its `_step_parts`, and `KEPT_ALTERNATIVES` runner-ups."""
     splits: dict = {}
     priced = []
     for c in (dataclasses.replace(choice, alternatives=()), *choice.alternatives):
@@ -837,7 +846,7 @@ def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
         priced.append((dataclasses.replace(c, step_seconds=seconds), runtime, parts))
     priced.sort(key=lambda entry: entry[0].step_seconds)
     best, runtime, parts = priced[0]
-    return dataclasses.replace(best, alternatives=tuple(c for c, _, _ in priced[1:])), runtime, parts
+    return dataclasses.replace(best, alternatives=tuple(c for c, _, _ in priced[1:KEPT_ALTERNATIVES])), runtime, parts
 
 
 def _pipeline_plan(choice: PipelineChoice, runtime, parts: dict, cost: GraphStageCosts,
@@ -888,15 +897,49 @@ def _pipeline_plan(choice: PipelineChoice, runtime, parts: dict, cost: GraphStag
 
 
 def _step_parts(choice: PipelineChoice, runtime, cost: GraphStageCosts) -> dict:
-    """The pipelined step's predicted seconds by part (`lockstep_parts`, and the exchange), for the plan's
-    solver record; nothing for one stage."""
+    """The step's predicted seconds by part, for the plan's solver record: a pipeline's `lockstep_parts`
+    and exchange, or one stage's microbatches (the DP's price); for both the update and the
+    accumulation of the gradients (`update_parts`)."""
+    options = _stage_options(choice, cost)
+    extra = update_parts(choice, options, cost.cluster)
     if runtime is None:
-        return {}
-    parts = lockstep_parts(choice, [[o.seconds for o in row] for row in _stage_options(choice, cost)],
-                           runtime.p2p_bytes, cost.cluster)
+        return {"pipeline_seconds": {"stage": choice.step_seconds, **extra}}
+    parts = lockstep_parts(choice, [[o.seconds for o in row] for row in options], runtime.p2p_bytes, cost.cluster)
     exchange = C.collective_seconds("all-reduce", runtime.exchanged_bytes, ("stage",), _pipeline_mesh(choice),
                                     cost.cluster) if runtime.exchanged_bytes else 0.0
-    return {"pipeline_seconds": {**parts, "exchange": exchange}, "p2p_bytes": runtime.p2p_bytes}
+    return {"pipeline_seconds": {**parts, "exchange": exchange, **extra}, "p2p_bytes": runtime.p2p_bytes}
+
+
+def update_parts(choice: PipelineChoice, options: Sequence[Sequence[StageOption]], cluster: C.Cluster
+                 ) -> dict[str, float]:
+    """What the stage DP leaves out of a step, priced at device memory bandwidth (both are
+    memory-bound elementwise work):
+
+    * ``update``: the optimizer, once per step, on each stage row's own state (rows in parallel): it
+      reads and writes the row's parameters and optimizer state and reads its gradients, about twice
+      the `StageOption.weight_bytes` of the row;
+    * ``accumulate``: summing the microbatches' gradients.  One stage (a ``lax.scan`` over B > 1
+      microbatches) reads and writes the sums once per microbatch; a pipeline does so on every tick
+      of its schedule (the runtime's tick loop adds each task's contribution, zeros on forward and idle
+      ticks, into the chunk's sums: a write of the contribution, reads of it and of the sums, a write
+      of the sums).
+
+    >>> mesh = C.MeshShape(axis_names=("data",), axis_sizes=(1,))
+    >>> option = StageOption(mesh=mesh, seconds=1.0, weight_bytes=5e9, activation_bytes=0.0, gradient_bytes=1e9)
+    >>> stage = Stage(start=0, end=1, layers=("a",), devices=1, mesh=mesh, seconds=1.0, memory_bytes=0.0, in_flight=1)
+    >>> one = PipelineChoice(stages=(stage,), microbatches=4, schedule="1f1b", step_seconds=4.0)
+    >>> update_parts(one, [[option]], C.get_cluster("a100-8x"))  # 10 GB, then 4 x 2 GB, at 2 TB/s
+    {'update': 0.005, 'accumulate': 0.004}
+    """
+    bandwidth = cluster.memory_bandwidth
+    update = max(2 * sum(o.weight_bytes for o in row) for row in options) / bandwidth
+    b = choice.microbatches
+    if len(choice.stages) == 1:
+        accumulate = (b * 2 * sum(o.gradient_bytes for o in options[0]) if b > 1 else 0.0) / bandwidth
+    else:
+        sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=b)
+        accumulate = sched.num_ticks * 4 * max(o.gradient_bytes for row in options for o in row) / bandwidth
+    return {"update": update, "accumulate": accumulate}
 
 
 def _warn_redundant_axes(stage_mesh: C.MeshShape, data_axes: Sequence[str]) -> None:

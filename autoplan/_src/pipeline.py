@@ -529,7 +529,6 @@ class Accumulated:
 
     def __call__(self, *args):
         split = self.split(*args)
-        graph = split.graph
         leaves = jax.tree_util.tree_leaves(args)
         batch = set(split.batch_inputs)
         fixed = [i for i in range(len(leaves)) if i not in batch]

@@ -430,7 +430,7 @@ class StagedStep:
         """Every program of a call, compiled for these arguments: ``{"pack/r", "pipeline", "update/r" or
         "update/global": jax.stages.Compiled}``."""
         programs = self.programs(*args)
-        graph, homes_ = programs.cut.split.graph, programs.homes
+        homes_ = programs.homes
         structs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
                    for x, s in zip(jax.tree_util.tree_leaves(args), programs.in_shardings)]
         out: dict = {}
@@ -467,7 +467,6 @@ class StagedStep:
         return PartitionSpec() if specs is None else specs[index]
 
     def _build(self, cut: StageCut) -> _Programs:
-        graph, split = cut.split.graph, cut.split
         homes_ = homes(cut, self.schedule.num_stages)
         meshes = {GLOBAL: self.mesh, **dict(enumerate(self.rows))}
         in_shardings = tuple(NamedSharding(meshes[GLOBAL if home is None else home], self._spec(self.in_specs, i))
