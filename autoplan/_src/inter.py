@@ -842,7 +842,7 @@ def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
     for c in (dataclasses.replace(choice, alternatives=()), *choice.alternatives):
         runtime = _runtime_cost(c, cost, splits)
         parts = _step_parts(c, runtime, cost)
-        seconds = sum(parts["pipeline_seconds"].values()) if parts else c.step_seconds
+        seconds = sum(parts["pipeline_seconds"].values())
         priced.append((dataclasses.replace(c, step_seconds=seconds), runtime, parts))
     priced.sort(key=lambda entry: entry[0].step_seconds)
     best, runtime, parts = priced[0]
