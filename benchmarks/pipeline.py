@@ -200,8 +200,9 @@ def main() -> None:
             _write_schedule(pl.schedule(chosen.schedule, stages=len(chosen.stages), microbatches=chosen.microbatches)
                             if len(chosen.stages) > 1 else pl.schedule("1f1b", stages=2, microbatches=b))
     write_results("pipeline", f"{MODEL} {OVERRIDES} (Adam) on {DEVICES} devices in nodes of 4. predicted: the cost "
-                  "model's step (pipelines: ticks in lock step + sends, as the runtime runs them; all: update "
-                  "and gradient accumulation at memory bandwidth; packing unpriced); priced: the same cluster "
+                  "model's step (pipelines: ticks in lock step + sends, as the runtime runs them, and the update; "
+                  "all: gradient accumulation at memory bandwidth; one stage: the loop planned with its update; "
+                  "packing unpriced); priced: the same cluster "
                   "model applied to the programs XLA compiled "
                   "(pipelines: packing + ticks, each as long as its slowest stage's branch, + the tick loops' "
                   "sends and stash updates + exchange + updates). Planning time on this machine's 2 CPU cores.",

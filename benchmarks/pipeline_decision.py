@@ -63,8 +63,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     write_results("pipeline_decision", f"gpt-tiny {OVERRIDES} (Adam), {MICROBATCHES} microbatches, on {DEVICES} "
                   "devices in nodes of 2 at 2.5 TF/s; inter-node 3 GB/s (slow) or 300 GB/s (equal). predicted: "
-                  "the planner's cost model (pipelines as the runtime runs them; update and gradient accumulation at "
-                  "memory bandwidth; packing unpriced); "
+                  "the planner's cost model (pipelines as the runtime runs them; their update and all gradient "
+                  "accumulation at memory bandwidth; one stage: the loop planned with its update; packing unpriced); "
                   "priced: the same cluster model on the programs XLA compiled (pipelines: packing + tick loops + "
                   "exchange + updates). Planning time on this machine's 2 CPU cores.", rows)
 

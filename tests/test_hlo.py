@@ -472,3 +472,32 @@ def test_fusion_updating_a_slot_in_place_moves_the_slot_not_the_buffer():
     # Sliced at another window, the buffer is read whole (XLA copies it rather than update in place).
     other = text.replace("dynamic-slice(%b, %i, %z)", "dynamic-slice(%b, %z, %z)")
     assert hlo.kernels(other)[0].bytes == window + 4 + window + 1 + buffer
+
+
+def test_fusion_slicing_a_bitcast_of_a_packed_buffer_moves_the_slice():
+    """The pipeline's update reads each parameter as a slice of a bitcast of its stage row's packed
+    buffer: a bitcast is a view, so the kernel reads the window, as it does slicing the buffer directly
+    (which XLA's cost analysis counts as the window too).  Counting the whole buffer priced a GPT stage's
+    update from compiled HLO at 15.9 ms instead of 1.2 ms."""
+    packed, window = 1 << 20, 3072 * 768
+
+    def module(body: str) -> str:
+        return ("HloModule m\n\n"
+                f"%fused (w: f32[3072,768], b: f32[1,1,{packed}]) -> f32[3072,768] {{\n"
+                f"  %w = f32[3072,768]{{1,0}} parameter(0)\n  %b = f32[1,1,{packed}]{{2,1,0}} parameter(1)\n"
+                f"{body}"
+                "  %g = f32[3072,768]{1,0} bitcast(%s)\n"
+                "  ROOT %a = f32[3072,768]{1,0} add(%w, %g)\n}\n\n"
+                f"ENTRY %main (w: f32[3072,768], b: f32[1,1,{packed}]) -> f32[3072,768] {{\n"
+                f"  %w = f32[3072,768]{{1,0}} parameter(0)\n  %b = f32[1,1,{packed}]{{2,1,0}} parameter(1)\n"
+                "  ROOT %f = f32[3072,768]{1,0} fusion(%w, %b), kind=kLoop, calls=%fused\n}\n")
+
+    through_bitcast = module(f"  %flat = f32[{packed}]{{0}} bitcast(%b)\n"
+                             f"  %s = f32[{window}]{{0}} slice(%flat), slice={{[4096:{4096 + window}]}}\n")
+    direct = module(f"  %s = f32[1,1,{window}]{{2,1,0}} slice(%b), slice={{[0:1], [0:1], [4096:{4096 + window}]}}\n")
+    (kernel,) = hlo.kernels(through_bitcast)
+    assert kernel.bytes == hlo.kernels(direct)[0].bytes == 3 * 4 * window
+    # Read otherwise too (the bitcast's whole value used by another op), the buffer counts whole.
+    whole = module(f"  %flat = f32[{packed}]{{0}} bitcast(%b)\n  %n = f32[{packed}]{{0}} negate(%flat)\n"
+                   f"  %s = f32[{window}]{{0}} slice(%n), slice={{[4096:{4096 + window}]}}\n")
+    assert hlo.kernels(whole)[0].bytes == 2 * 4 * window + 4 * packed

@@ -232,17 +232,16 @@ def test_pipeline_bad_input():
 
 
 def test_one_stage_microbatched_plan_loops_data_parallel_in_the_plans_layouts():
-    """`autoparallel(microbatches=2, stages=1)`: a one-stage plan with microbatches runs its whole-step
-    layouts at microbatch size, data parallel over the axes its activations split the examples over (the
-    token batch itself is not what says it):
-    numerics equal jax.jit, and the compiled program reduces the gradients and the loss once per step,
-    nothing inside the loop (left to XLA the loop all-reduced every microbatch's gradients: 3.3 ms
-    against 0.77 ms priced for a 2-layer d=256 GPT on a slow-link 2x4 mesh)."""
+    """`autoparallel(microbatches=2, stages=1)` with links slow enough that reducing the gradients every
+    microbatch (the loop left to XLA) costs more than once: the loop runs data parallel over both axes
+    (each device its share of every microbatch, the sums all-reduced once after the loop) in the plan's
+    layouts: numerics equal jax.jit, and the compiled program reduces the gradients and the loss once
+    per step, nothing inside the loop."""
     spec = _gpt(layers=2, hidden=32, seq_len=16, vocab_size=64, batch=16)
     params, opt_state = spec.init(jax.random.key(0))
     batches = [spec.make_batch(jax.random.key(i)) for i in range(3)]
-    cluster = autoplan.Cluster(name="slow-device", device_flops=1e10, device_memory=80e9, devices_per_node=8,
-                               intra_node_bandwidth=300e9, inter_node_bandwidth=300e9, latency=1e-6)
+    cluster = autoplan.Cluster(name="slow-links", device_flops=1e10, device_memory=80e9, devices_per_node=8,
+                               intra_node_bandwidth=1e9, inter_node_bandwidth=1e9, latency=1e-6)
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     step = autoplan.autoparallel(spec.train_step, mesh=mesh, cluster=cluster, microbatches=2, stages=1,
                                  donate=False)
@@ -265,6 +264,33 @@ def test_one_stage_microbatched_plan_loops_data_parallel_in_the_plans_layouts():
         sum(parts.values()), rel=1e-12)
     whole = 4 * sum(x.size for x in jax.tree_util.tree_leaves(params))
     assert parts["accumulate"] == pytest.approx(2 * 2 * whole / cluster.memory_bandwidth, rel=1e-6)
+
+
+def test_one_stage_loop_is_planned_with_its_update_and_sends_what_it_predicts():
+    """A one-stage loop over 4 microbatches on a 2x4 mesh whose 'data' axis crosses slow links: the
+    planner plans the step at microbatch size with its update and picks the loop as it runs it (left to
+    XLA, or data parallel over some axes with the summed gradients all-reduced once after the loop;
+    `GraphStageCosts._looped_option`).  Here it runs data parallel over the in-node 'model' axis, and
+    the compiled program's collectives are the plan's, byte for byte, none of them inside the loop.
+    (Looping in the full-batch plan's layouts, this program all-reduced over 'data' inside the loop,
+    every microbatch; on gpt-small that plan split the head's vocabulary over 'model', so its loop could
+    not run data parallel and XLA reduced all gradients every microbatch, unpriced.)"""
+    spec = _gpt(layers=2, hidden=64, seq_len=128, vocab_size=16384, batch=32)
+    params, opt_state = spec.abstract_state()
+    batch = spec.abstract_batch()
+    cluster = autoplan.Cluster(name="slow-link", device_flops=312e12, device_memory=80e9, devices_per_node=4,
+                               intra_node_bandwidth=300e9, inter_node_bandwidth=3e9, latency=10e-6)
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    step = autoplan.autoparallel(spec.train_step, mesh=mesh, cluster=cluster, microbatches=4, stages=1,
+                                 donate=False)
+    report = hlo.compiled_report(step.lower(params, opt_state, batch).compile(), mesh, cluster)
+    plan = step.plan
+    assert plan.data_axes == ("model",) and plan.solver["pipeline_seconds"]["update"] == 0.0
+    assert report.collectives and all(c.repeats == 1 and c.axes == ("model",) for c in report.collectives)
+    assert plan.cost.communication_bytes == pytest.approx(report.communication_bytes, rel=1e-4)
+    after_loop = [c for c in plan.collectives if c.where == "<after the microbatch loop>"]
+    gradients = 4 * sum(x.size for x in jax.tree_util.tree_leaves(params))
+    assert len(after_loop) == 1 and after_loop[0].nbytes == gradients
 
 
 def test_pipeline_bounds_from_plan_stages():

@@ -12,6 +12,7 @@ lives on one stage row's devices.
 import dataclasses
 import os
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -125,6 +126,30 @@ def test_data_parallel_stages_equal_single_device_and_reduce_once_per_step():
     assert made and not made & staging.RECOMPUTED and "dot_general" in made
 
 
+def test_pinned_stage_mesh_runs_every_axis_data_parallel_as_planned():
+    """A pinned (stage 2, data 2, model 2) mesh: the runtime has no tensor parallelism inside a stage, so
+    the planner prices each stage data parallel over both of its axes (each of 4 replicas a quarter of
+    every microbatch, nothing split inside) and the runtime runs it so, where a stage plan that split
+    its weights over 'model' left those devices repeating their stage's work.  3 steps equal jax.jit's;
+    the compiled pipeline reduces each row's gradient sums over both axes once per step."""
+    spec = _gpt(layers=4, hidden=32, seq_len=8, vocab_size=64, batch=16)
+    params, opt_state = spec.init(jax.random.key(0))
+    batches = [spec.make_batch(jax.random.key(i)) for i in range(3)]
+    mesh = jax.make_mesh((2, 2, 2), ("stage", "data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "devices ... repeat their stage's work"
+        step = autoplan.autoparallel(spec.train_step, mesh=mesh, cluster="a100-8x", stages=2, microbatches=2,
+                                     donate=False)
+        (got, _), losses = _run(step, (params, opt_state), batches)
+    assert step.plan.data_axes == ("data", "model")
+    (want, _), want_losses = _run(jax.jit(spec.train_step), (params, opt_state), batches)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    _assert_same(got, want)
+    compiled = step.lower(params, opt_state, batches[0]).compile()
+    reduced = [c for c in hlo.collectives(compiled.programs["pipeline"], step.mesh) if c.kind == "all-reduce"]
+    assert [(c.axes, c.repeats) for c in reduced] == [(("data", "model"), 1)]
+
+
 @pytest.mark.parametrize("name,stages,microbatches,style", [("gpipe", 2, 4, "scan")])
 def test_pipelined_scanned_gpt_cut_along_its_stacked_axis_equals_single_device(name, stages, microbatches, style):
     """(1F1B over 4 stages: `test_planner_pipelines_an_unstacked_scanned_gpt_across_its_stack`; interleaved
@@ -180,11 +205,12 @@ def test_planner_pipelines_an_unstacked_scanned_gpt_across_its_stack():
     mesh = emit.device_mesh(plan.mesh)
     program = staging.emit_staged(plan, unstacked.chunked_step, trace.trace(unstacked.chunked_step, *split), mesh,
                                   donate=False)
-    # Honest traffic: the plan prices the sends of the cut the runtime makes (loops as single ops), and
-    # they are all the compiled pipeline communicates (its stages' plans communicate nothing here).
+    # Honest traffic: the plan prices the sends of the cut the runtime makes (loops as single ops) and,
+    # once per step, each stage row's gradient sums all-reduced over its 2 data-parallel devices: all the
+    # compiled pipeline communicates.
     collectives = hlo.collectives(program.lower(*split).compile().programs["pipeline"], mesh)
-    assert {c.kind for c in collectives} == {"collective-permute"}
-    assert sum(c.nbytes * c.repeats for c in collectives) == plan.cost.communication_bytes
+    assert {(c.kind, c.axes) for c in collectives} == {("collective-permute", ("stage",)), ("all-reduce", ("data",))}
+    assert hlo._total_wire_bytes(collectives) == pytest.approx(plan.cost.communication_bytes, rel=1e-3)
     (want, _), want_losses = _run(jax.jit(step), (params, opt_state), [batch] * 3)
     (got, _), losses = _run(program, split[:2], [batch] * 3)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-6)

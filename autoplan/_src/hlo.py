@@ -694,9 +694,9 @@ class HloKernel:
     ``matmul_flops`` and one per element of every other arithmetic
     instruction, as XLA's ``HloCostAnalysis`` does; ``bytes`` is what the
     kernel reads and writes in device memory (operands + results, a slice of
-    an operand where the kernel only slices it, the update of an in-place
-    ``dynamic-update-slice``).  ``repeats`` is the product of the
-    ``known_trip_count`` of the while loops around it.
+    an operand where the kernel only slices it, through bitcasts or not, the
+    update of an in-place ``dynamic-update-slice``).  ``repeats`` is the
+    product of the ``known_trip_count`` of the while loops around it.
     """
 
     name: str
@@ -861,8 +861,9 @@ def _fusion_bytes(comps, instr: _Instr, shapes: Mapping[str, object]) -> float:
         param = params.get(position)
         full = float(_shape_bytes(shapes.get(operand, ("f32", ()))))
         uses = users.get(param.name, []) if param is not None else []
-        if uses and all(u.opcode in ("dynamic-slice", "slice") and u.operands[0] == param.name for u in uses):
-            full = float(sum(_shape_bytes(u.shape) for u in uses))
+        sliced = _slices_through_bitcasts(param.name, users) if param is not None else None
+        if sliced:
+            full = float(sum(_shape_bytes(u.shape) for u in sliced))
         elif root is not None and root.opcode == "dynamic-update-slice" and root.operands[0] == param.name \
                 and all(u is root or (u.opcode == "dynamic-slice" and u.operands[1:] == root.operands[2:])
                         for u in uses):
@@ -871,6 +872,24 @@ def _fusion_bytes(comps, instr: _Instr, shapes: Mapping[str, object]) -> float:
             full = float(sum(_shape_bytes(u.shape) for u in uses if u is not root))
         total += full
     return total
+
+
+def _slices_through_bitcasts(name: str, users: Mapping[str, list[_Instr]]) -> list[_Instr] | None:
+    """The slices that are all a fusion does with value ``name``, looking through bitcasts (a view: the
+    pipeline's update reads each parameter as a slice of a bitcast of its packed row); None if it
+    reads it otherwise.  The kernel then reads only those windows."""
+    found = []
+    for use in users.get(name, []):
+        if use.opcode in ("dynamic-slice", "slice") and use.operands[0] == name:
+            found.append(use)
+        elif use.opcode == "bitcast":
+            inner = _slices_through_bitcasts(use.name, users)
+            if inner is None:
+                return None
+            found.extend(inner)
+        else:
+            return None
+    return found or None
 
 
 def kernels(compiled_or_text) -> list[HloKernel]:

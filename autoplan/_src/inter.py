@@ -55,6 +55,8 @@ class StageOption:
     weight_bytes: float
     activation_bytes: float
     gradient_bytes: float = 0.0  # the range's gradients, per device (what microbatches sum into)
+    # ``seconds`` holds 1/B of the optimizer update (a one-stage option planned with it, `_looped_option`)
+    update_included: bool = False
     detail: Any = dataclasses.field(default=None, compare=False)
 
     def memory(self, in_flight: int) -> float:
@@ -62,6 +64,8 @@ class StageOption:
 
 
 StageCost = Callable[[int, int, int, int], Sequence[StageOption]]
+# Where a pipeline stage's plan lists its once-per-step gradient all-reduce (`GraphStageCosts._stage_option`).
+AFTER_TICKS = "<after the pipeline's ticks>"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -473,7 +477,10 @@ class GraphStageCosts:
     ``seconds`` is the ILP's time of one microbatch with the weight-gradient
     reductions divided by ``B`` (they run once per step), plus the point-to-point
     time of receiving the range's inputs from neighbouring stages; it leaves out
-    the optimizer update, which runs once per step;
+    the optimizer update, which runs once per step.  A pipeline stage (fewer
+    devices than ``total_devices``) is priced as the runtime runs it
+    (`_stage_option`), one stage on every device with B > 1 as its loop runs,
+    with its update (`_looped_option`);
     ``weight_bytes`` counts the stage's parameters, gradients and optimizer state
     (every step input of its layers but the batch), split as the ILP splits the
     parameters.
@@ -506,17 +513,24 @@ class GraphStageCosts:
     def __call__(self, start: int, end: int, devices: int, microbatches: int) -> tuple[StageOption, ...]:
         graph, units, unit_of = self._graph(microbatches)
         keep = {op.id for op in graph.ops if start <= unit_of[op.id] < end and op.role in (G.FORWARD, G.BACKWARD)}
-        key = (_structure(graph, sorted(keep)), devices, microbatches)
+        looped = microbatches > 1 and start == 0 and end == len(units) and devices == (self.total_devices or devices)
+        key = (_structure(graph, sorted(keep)), devices, microbatches, looped)
         if key in self._cache:
             return self._cache[key]
         layers = [layer for unit in units[start:end] for layer in unit]
         sub = sub_graph(graph, keep, layers)
         state = sum(graph.tensors[graph.ops[i].outputs[0]].nbytes for i in graph.input_ops  # params, opt state
                     if start <= unit_of[i] < end and not graph.ops[i].path.startswith(self.batch_prefix))
+        staged = not looped and self.total_devices is not None and devices < self.total_devices
         options = []
         name = f"layers {start}:{end}"
         for mesh in self.meshes(devices):
-            options.append(self._option(sub, mesh, name, state, microbatches))
+            if looped:
+                options.append(self._looped_option(sub, mesh, name, microbatches))
+            elif staged:
+                options.append(self._stage_option(start, end, mesh, name, state, microbatches))
+            else:
+                options.append(self._option(sub, mesh, name, state, microbatches))
         self._cache[key] = tuple(options)
         return self._cache[key]
 
@@ -536,13 +550,115 @@ class GraphStageCosts:
                            activation_bytes=max(plan.cost.memory_bytes - param_bytes * fraction, 0.0) + boundary,
                            detail=plan)
 
-    def _solve(self, sub: G.Graph, mesh: C.MeshShape, name: str):
+    def _looped_option(self, sub: G.Graph, mesh: C.MeshShape, name: str, microbatches: int) -> StageOption:
+        """The `StageOption` of one stage on every device looping over B microbatches, planned with its
+        update: the faster of the loops `accumulate` runs.
+
+        * left to XLA (no data-parallel axes): the whole step at microbatch size, its forward and
+          backward ops B times, its update once; XLA reduces the gradients inside the loop, every
+          microbatch (the ILP prices them so);
+        * data parallel over some mesh axes (manual, as DDP): each replica loops over its share of
+          every microbatch on the other axes, planned there, and the summed gradients are all-reduced
+          over the data-parallel axes once, after the loop.
+
+        Planning the update with the loop gives the loop's layouts and the update's in one plan: a
+        loop planned alone leaves its gradients in whatever layout its last op likes (split over a
+        slow axis, the update must gather them).  ``seconds`` is 1/B of the step, as the DP multiplies
+        it by B; the plan (``detail``) carries the step's price and its ``data_axes``.
+        """
+        params = {path for path in sub.input_paths if not path.startswith(("boundary/", self.batch_prefix))}
+        candidates = [self._loop_plan(mesh, name, microbatches, ())]
+        sizes = mesh.as_dict()
+        split = [axis for axis in mesh.axis_names if sizes[axis] > 1]
+        for count in range(1, len(split) + 1):
+            for axes in itertools.combinations(split, count):
+                plan = self._loop_plan(mesh, name, microbatches, axes, params)
+                if plan is not None:
+                    candidates.append(plan)
+        plan = min(candidates, key=lambda p: p.cost.step_seconds)
+        held = sum(leaf.device_bytes(mesh) for leaf in plan.inputs if not leaf.path.startswith(self.batch_prefix))
+        gradients = _replica_gradient_bytes(plan, params, mesh, plan.data_axes)
+        return StageOption(mesh=mesh, seconds=plan.cost.step_seconds / microbatches,
+                           weight_bytes=held + gradients, gradient_bytes=gradients,
+                           activation_bytes=max(plan.cost.memory_bytes - held - gradients, 0.0),
+                           update_included=True, detail=plan)
+
+    def _loop_plan(self, mesh: C.MeshShape, name: str, microbatches: int, data_axes: tuple[str, ...],
+                   params: set[str] = frozenset()):
+        """The plan of a B-microbatch loop data parallel over ``data_axes`` (see `_looped_option`), its
+        cost the step's; None when the batch does not split over the replicas.  Inside the loop no op
+        splits over the data-parallel axes; the update, after it on the whole mesh, may."""
+        replicas = math.prod(mesh.axis_size(axis) for axis in data_axes)
+        try:
+            graph = self._graph(microbatches * replicas)[0]
+        except PL.MicrobatchError:
+            return None
+        looped = dataclasses.replace(graph, ops=[
+            dataclasses.replace(op, repeat=op.repeat * microbatches) if op.role in (G.FORWARD, G.BACKWARD) else op
+            for op in graph.ops])
+        plan, _ = self._solve(looped, mesh, name, replica_axes=data_axes)
+        if not data_axes:
+            return plan
+        reduce = self._gradient_all_reduce("<after the microbatch loop>",
+                                           _replica_gradient_bytes(plan, params, mesh, data_axes), data_axes, mesh)
+        cost = dataclasses.replace(
+            plan.cost, step_seconds=plan.cost.step_seconds + reduce.seconds,
+            communication_seconds=plan.cost.communication_seconds + reduce.seconds,
+            communication_bytes=plan.cost.communication_bytes + reduce.wire_bytes)
+        return dataclasses.replace(plan, cost=cost, data_axes=tuple(data_axes),
+                                   collectives=plan.collectives + (reduce,))
+
+    def _stage_option(self, start: int, end: int, mesh: C.MeshShape, name: str, state: float,
+                      microbatches: int) -> StageOption:
+        """A pipeline stage's `StageOption` as the runtime runs it: data parallel (manual) over the stage
+        mesh's axes that split a microbatch, each replica on its share of every microbatch with nothing
+        split inside (the runtime offers no tensor parallelism in a stage; an axis that does not divide
+        the microbatch repeats the stage's work), the summed gradients all-reduced over the data axes
+        once per step: 1/B of it per microbatch, as Alpa prices them.
+        """
+        split = [axis for axis in mesh.axis_names if mesh.axis_size(axis) > 1]
+        for count in range(len(split), -1, -1):
+            data_axes = next((axes for axes in itertools.combinations(split, count)
+                              if self._divides(microbatches * math.prod(mesh.axis_size(a) for a in axes))), None)
+            if data_axes is not None:
+                break
+        graph, units, unit_of = self._graph(microbatches * math.prod(mesh.axis_size(a) for a in data_axes))
+        keep = {op.id for op in graph.ops if start <= unit_of[op.id] < end and op.role in (G.FORWARD, G.BACKWARD)}
+        sub = sub_graph(graph, keep, [layer for unit in units[start:end] for layer in unit])
+        plan, _ = self._solve(sub, mesh, name, replica_axes=tuple(split))
+        param_bytes = sum(leaf.nbytes for leaf in plan.inputs
+                          if not leaf.path.startswith(("boundary/", self.batch_prefix)))
+        reduce = self._gradient_all_reduce(AFTER_TICKS, param_bytes, data_axes, mesh)
+        plan = dataclasses.replace(plan, data_axes=data_axes, collectives=plan.collectives + (reduce,))
+        boundary = sum(leaf.device_bytes(mesh) for leaf in plan.inputs if leaf.path.startswith("boundary/"))
+        seconds = plan.cost.step_seconds + reduce.seconds / microbatches + self._receive_seconds(plan, mesh)
+        return StageOption(mesh=mesh, seconds=seconds, weight_bytes=state + param_bytes, gradient_bytes=param_bytes,
+                           activation_bytes=max(plan.cost.memory_bytes - param_bytes, 0.0) + boundary, detail=plan)
+
+    def _gradient_all_reduce(self, where: str, nbytes: float, axes: Sequence[str], mesh: C.MeshShape):
+        """The `plan.CollectiveUse` of the one all-reduce of summed gradients a data-parallel loop runs."""
+        from autoplan._src import plan as P
+
+        return P.CollectiveUse(where=where, op="all-reduce of the summed gradients", kind="all-reduce",
+                               axes=tuple(axes), nbytes=nbytes,
+                               wire_bytes=C.collective_bytes("all-reduce", nbytes, mesh.axis_size(tuple(axes))),
+                               seconds=C.collective_seconds("all-reduce", nbytes, axes, mesh, self.cluster))
+
+    def _divides(self, microbatches: int) -> bool:
+        """Whether the batch splits into this many equal parts."""
+        try:
+            self._graph(microbatches)
+        except PL.MicrobatchError:
+            return False
+        return True
+
+    def _solve(self, sub: G.Graph, mesh: C.MeshShape, name: str, replica_axes: tuple[str, ...] = ()):
         """The ILP's plan of a sub-graph, and the seconds of its weight-gradient collectives."""
         from autoplan._src import api
         from autoplan._src import intra
         from autoplan._src.strategies import base as S
 
-        options = intra.SolveOptions(memory_budget=None, time_limit=self.time_limit)
+        options = intra.SolveOptions(memory_budget=None, time_limit=self.time_limit, replica_axes=replica_axes)
         problem = intra.build_problem(sub, S.Context(mesh=mesh, cluster=self.cluster), options)
         solution = intra.solve(problem, options)
         self.solves += 1
@@ -760,6 +876,14 @@ def _stage_options(choice: PipelineChoice, cost: GraphStageCosts) -> list[list[S
             for s in choice.stages]
 
 
+def _replica_gradient_bytes(plan, params: set[str], mesh: C.MeshShape, data_axes: Sequence[str]) -> float:
+    """Per device, the gradients a microbatch loop sums: each parameter's, split as the plan splits the
+    parameter but for the loop's data-parallel axes (every replica sums whole ones)."""
+    return sum(leaf.nbytes / math.prod(mesh.axis_size(axis) for dim in leaf.spec for axis in dim
+                                       if axis not in data_axes)
+               for leaf in plan.inputs if leaf.path in params)
+
+
 def _examples(graph: G.Graph, batch_prefix: str) -> int:
     """The leading dim of the step's first batch leaf in ``graph`` (0 when it has none)."""
     batch = PL._batch_leaves(graph, batch_prefix)
@@ -768,17 +892,10 @@ def _examples(graph: G.Graph, batch_prefix: str) -> int:
 
 
 def _stage_data_axes(choice: PipelineChoice, cost: GraphStageCosts) -> tuple[str, ...]:
-    """The axes every stage's plan splits a microbatch's examples over (`staging.examples_axes`): the
+    """The axes every stage row's plan runs data parallel over (`GraphStageCosts._stage_option`): the
     runtime runs the stages data parallel over them."""
-    from autoplan._src import staging
-
-    graph = cost._graph(choice.microbatches)[0]
-    examples = _examples(graph, cost.batch_prefix)
-    if not examples:
-        return ()
     sizes = choice.stages[0].mesh.as_dict()
-    per_stage = [set(staging.examples_axes(o.detail.anchors, graph, examples, sizes))
-                 for row in _stage_options(choice, cost) for o in row]
+    per_stage = [set(o.detail.data_axes) for row in _stage_options(choice, cost) for o in row]
     return tuple(axis for axis in sizes if all(axis in found for found in per_stage))
 
 
@@ -851,26 +968,28 @@ def _with_runtime_cost(choice: PipelineChoice, cost: GraphStageCosts):
 
 def _pipeline_plan(choice: PipelineChoice, runtime, parts: dict, cost: GraphStageCosts,
                    graph: G.Graph, cluster: C.Cluster, budget: float, time_limit: float, api, P):
-    from autoplan._src import staging
-
     first = choice.stages[0]
-    base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
-    mesh = first.mesh if len(choice.stages) == 1 else _pipeline_mesh(choice)
     options = _stage_options(choice, cost)
+    looped = options[0][0].detail if runtime is None and options[0][0].update_included else None
+    if looped is not None:
+        # One stage looping over microbatches runs the plan the stage DP priced: the whole step at
+        # microbatch size (`GraphStageCosts._looped_option`), the batch leaves at full size.
+        shapes = [graph.tensors[graph.ops[i].outputs[0]].shape for i in graph.input_ops]
+        base = dataclasses.replace(looped, name="autoplan", inputs=tuple(
+            dataclasses.replace(leaf, shape=shape) for leaf, shape in zip(looped.inputs, shapes)))
+    else:
+        base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
+    mesh = first.mesh if len(choice.stages) == 1 else _pipeline_mesh(choice)
     plans = [o.detail for row in options for o in row]
     busy = sum(s.seconds for s in choice.stages)
     comm_share = sum(p.cost.communication_seconds for p in plans) / busy if busy else 0.0
+    if looped is not None:  # its plan prices all B microbatches
+        comm_share = looped.cost.communication_seconds / looped.cost.step_seconds
     step = choice.step_seconds
     memory, sent = choice.stages[0].memory_bytes, 0.0
-    if runtime is not None:
-        data_axes = _stage_data_axes(choice, cost)
-    elif choice.microbatches > 1:
-        # One stage looping over microbatches runs the whole-step plan's layouts (which fit its update)
-        # at microbatch size, data parallel over the axes that plan splits the examples over.
-        data_axes = staging.examples_axes(base.anchors, graph, _examples(graph, cost.batch_prefix),
-                                          first.mesh.as_dict(), microbatches=choice.microbatches)
-    else:
-        data_axes = ()
+    # Pipeline stages and a one-stage loop run data parallel over the axes their plans split a
+    # microbatch's examples over.
+    data_axes = _stage_data_axes(choice, cost) if runtime is not None else looped.data_axes if looped else ()
     # The batch is split as the runtime splits it: over the data-parallel axes, by examples.
     base = dataclasses.replace(base, inputs=tuple(
         dataclasses.replace(leaf, spec=(data_axes, *((),) * (len(leaf.shape) - 1)))
@@ -882,13 +1001,16 @@ def _pipeline_plan(choice: PipelineChoice, runtime, parts: dict, cost: GraphStag
         # and one microbatch's working activations.
         memory = max(sum(o.weight_bytes for o in row) for row in options) + runtime.packed_bytes \
             + max(o.activation_bytes for row in options for o in row) + runtime.stash_bytes
-        sent = runtime.p2p_bytes + C.collective_bytes("all-reduce", runtime.exchanged_bytes, len(choice.stages))
+        sent = runtime.p2p_bytes + C.collective_bytes("all-reduce", runtime.exchanged_bytes, len(choice.stages)) \
+            + max(sum(use.wire_bytes for o in row for use in o.detail.collectives if use.where == AFTER_TICKS)
+                  for row in options)
         base = dataclasses.replace(base, inputs=_with_homes(base.inputs, runtime.leaf_homes),
                                    outputs=_with_homes(base.outputs, runtime.output_homes))
     pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
                            communication_seconds=step * comm_share,
-                           communication_bytes=choice.microbatches * max(
-                               sum(o.detail.cost.communication_bytes for o in row) for row in options) + sent,
+                           communication_bytes=looped.cost.communication_bytes if looped is not None else
+                           choice.microbatches * max(sum(o.detail.cost.communication_bytes for o in row)
+                                                     for row in options) + sent,
                            memory_bytes=memory)
     return dataclasses.replace(
         base, mesh=mesh, cost=pipeline_cost, memory_budget=budget, stages=choice.stages, schedule=choice.schedule,
@@ -917,7 +1039,8 @@ def update_parts(choice: PipelineChoice, options: Sequence[Sequence[StageOption]
 
     * ``update``: the optimizer, once per step, on each stage row's own state (rows in parallel): it
       reads and writes the row's parameters and optimizer state and reads its gradients, about twice
-      the `StageOption.weight_bytes` of the row;
+      the `StageOption.weight_bytes` of the row (none for an option whose plan includes the update,
+      a one-stage loop's);
     * ``accumulate``: summing the microbatches' gradients.  One stage (a ``lax.scan`` over B > 1
       microbatches) reads and writes the sums once per microbatch; a pipeline does so on every tick
       of its schedule (the runtime's tick loop adds each task's contribution, zeros on forward and idle
@@ -932,7 +1055,7 @@ def update_parts(choice: PipelineChoice, options: Sequence[Sequence[StageOption]
     {'update': 0.005, 'accumulate': 0.004}
     """
     bandwidth = cluster.memory_bandwidth
-    update = max(2 * sum(o.weight_bytes for o in row) for row in options) / bandwidth
+    update = max(2 * sum(o.weight_bytes for o in row if not o.update_included) for row in options) / bandwidth
     b = choice.microbatches
     if len(choice.stages) == 1:
         accumulate = (b * 2 * sum(o.gradient_bytes for o in options[0]) if b > 1 else 0.0) / bandwidth
@@ -948,7 +1071,7 @@ def _warn_redundant_axes(stage_mesh: C.MeshShape, data_axes: Sequence[str]) -> N
     idle = {axis: size for axis, size in stage_mesh.as_dict().items() if size > 1 and axis not in data_axes}
     if idle:
         how = f"data parallel over {' x '.join(data_axes)} only" if data_axes else \
-            "unsplit: no stage's plan splits the examples over its axes"
+            "unsplit: a microbatch's examples do not divide over the stage mesh's axes"
         warnings.warn(f"autoplan: pipeline stages run {how}; the devices along {idle} repeat their stage's work "
                       "(tensor parallelism inside a pipeline stage is not supported). Use fewer devices per stage, "
                       "a larger batch, or let the planner choose the mesh", stacklevel=2)

@@ -66,6 +66,9 @@ class SolveOptions:
     # Op id -> allowed specs of its first output (inputs) or operand (outputs): baselines pin layouts.
     pinned: Mapping[int, Sequence[S.Spec]] = dataclasses.field(default_factory=dict)
     memory_points: int = 8
+    # Forward and backward ops run inside a region manual over these mesh axes (a microbatch loop data
+    # parallel over them): they, and the inputs only they read, may not split over them.
+    replica_axes: tuple[str, ...] = ()
     solver: str = "highs"  # or "cp-sat": see milp.py
     num_workers: int = 1  # CP-SAT's workers; one keeps plans deterministic
     solver_params: Mapping[str, object] | None = None  # scipy.optimize.milp options or CP-SAT parameters
@@ -139,6 +142,28 @@ def _with_pinned_layouts(graph: G.Graph, strategies: list[list[S.Strategy]],
             out[target] = out[target] + [
                 S.Strategy(name=S.spec_name(spec), output_specs=() if as_output else (spec,),
                            input_specs=(spec,) if as_output else ()) for spec in extra]
+    return out
+
+
+def _without_axes(graph: G.Graph, strategies: list[list[S.Strategy]], axes: set[str], ctx: S.Context
+                  ) -> list[list[S.Strategy]]:
+    """The strategies of forward and backward ops (and of inputs only they read) that split nothing over
+    ``axes`` (`SolveOptions.replica_axes`); replication where none is left."""
+    def inside(op: G.Op) -> bool:
+        if op.role in (G.FORWARD, G.BACKWARD):
+            return True
+        readers = [graph.ops[c] for t in op.outputs for c, _ in graph.consumers[t]]
+        return op.role == G.INPUT and bool(readers) and all(r.role in (G.FORWARD, G.BACKWARD) for r in readers)
+
+    def free(strategy: S.Strategy) -> bool:
+        return not any(set(dim) & axes for spec in strategy.input_specs + strategy.output_specs if spec
+                       for dim in spec)
+
+    out = list(strategies)
+    for op in graph.ops:
+        if inside(op):
+            kept = [s for s in out[op.id] if free(s)]
+            out[op.id] = kept or [_repeated(S.replicated_strategy(op, ctx), op.repeat, ctx, latency_once=False)]
     return out
 
 
@@ -288,6 +313,8 @@ def build_problem(graph: G.Graph, ctx: S.Context, options: SolveOptions = SolveO
     start = time.perf_counter()
     ops = graph.ops
     strategies = _with_pinned_layouts(graph, _op_strategies(graph, ctx), options.pinned)
+    if options.replica_axes:
+        strategies = _without_axes(graph, strategies, set(options.replica_axes), ctx)
     n_ops = len(ops)
     root = np.arange(n_ops)  # op -> op whose variable it shares
     maps: list[np.ndarray | None] = [None] * n_ops  # op strategy index per root choice

@@ -528,6 +528,8 @@ class Accumulated:
         return self._splits[key]
 
     def __call__(self, *args):
+        from autoplan._src import emit as E
+
         split = self.split(*args)
         leaves = jax.tree_util.tree_leaves(args)
         batch = set(split.batch_inputs)
@@ -538,7 +540,9 @@ class Accumulated:
             sums = jax.shard_map(sums, mesh=self.mesh, in_specs=(spec(), spec(self.data_axes)), out_specs=spec(),
                                  axis_names=set(self.data_axes), check_vma=False)
         total = sums([leaves[i] for i in fixed], [leaves[i] for i in split.batch_inputs])
-        return run_update(split, leaves, {t: acc / self.microbatches for t, acc in zip(split.cut, total)})
+        # The update runs once, outside the loop, on the whole mesh: its ops keep the plan's layouts.
+        pins = E.microbatch_pins(self.anchors, split.graph, self.mesh) if self.anchors else None
+        return run_update(split, leaves, {t: acc / self.microbatches for t, acc in zip(split.cut, total)}, pins)
 
     def _loop(self, split: GradientSplit, fixed: Sequence[int]) -> Callable:
         """``(fixed leaves, batch leaves) -> sums of the cut values over the microbatches`` (averaged over
@@ -576,10 +580,13 @@ class Accumulated:
         return results.get(index, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def run_update(split: GradientSplit, leaves: Sequence[Any], averaged: dict):
+def run_update(split: GradientSplit, leaves: Sequence[Any], averaged: dict,
+               pins: Mapping[int, tuple[dict, dict]] | None = None):
     """The update part of a split step, once: the step's input ``leaves`` (the batch is not read) and the
     ``averaged`` gradients and losses (cut tensor -> value) in, the step's outputs (a pytree) out.  Cut
-    values missing from ``averaged`` (made from constants and inputs alone) are computed here."""
+    values missing from ``averaged`` (made from constants and inputs alone) are computed here.  ``pins``
+    (`emit.microbatch_pins`) fix the update ops' layouts (left to XLA, it may compute an update in an
+    optimizer state's split and gather the parameters after)."""
     graph = split.graph
     batch = set(split.batch_inputs)
     env = {graph.ops[graph.input_ops[i]].outputs[0]: x for i, x in enumerate(leaves) if i not in batch}
@@ -587,7 +594,7 @@ def run_update(split: GradientSplit, leaves: Sequence[Any], averaged: dict):
     missing = [t for t in split.cut if t not in env]
     if missing:
         env = evaluate_ops(graph, split.items, ancestors(graph, missing, known=set(env)), env)
-    env = evaluate_ops(graph, split.items, split.update_ops, env)
+    env = evaluate_ops(graph, split.items, split.update_ops, env, pins)
     outs = [env[graph.ops[o].inputs[0]] for o in graph.output_ops]
     return jax.tree_util.tree_unflatten(graph.output_tree, outs)
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -682,43 +682,6 @@ def plan_bounds(stages, schedule: str) -> list[tuple[int, int]] | None:
     if schedule == "interleaved":
         return None
     return [(stage.start, stage.end) for stage in stages]
-
-
-def examples_axes(anchors: Sequence, graph: G.Graph, examples: int, mesh_sizes: Mapping[str, int], *,
-                  microbatches: int = 1, exclude: Sequence[str] = ("stage",)) -> tuple[str, ...]:
-    """The mesh axes a plan splits the examples over in every forward activation: the axes its stages (or
-    its one-stage microbatch loop) can run data parallel over, each replica on its share of every
-    microbatch (``examples / microbatches`` of the ``examples`` the plan was made for).
-
-    ``anchors`` are the plan's, made for ``graph``; an activation is the result
-    of a forward matmul or convolution (where the compute is: a plan may leave
-    a cheap broadcast whole) whose leading dim is ``examples`` (the batch leaf
-    itself may stay whole too, as a token array the step slices does).  Only
-    axes in every such layout count, in mesh order, and only if they divide a
-    microbatch.
-
-    >>> from autoplan._src.plan import Anchor
-    >>> from autoplan._src.trace import trace
-    >>> import jax.numpy as jnp
-    >>> graph = trace(lambda w, x: jnp.tanh(x @ w).sum(), jnp.ones((4, 4)), jnp.ones((8, 4)))
-    >>> dot = next(op for op in graph.ops if op.primitive == "dot_general")
-    >>> anchor = Anchor(op=dot.id, key=dot.key, output=0, label="x@w", shape=(8, 4), spec=(("data",), ("model",)))
-    >>> examples_axes([anchor], graph, 8, {"data": 2, "model": 4})
-    ('data',)
-    """
-    by_key = {op.key: op for op in graph.ops if op.key}
-    common = None
-    for anchor in anchors:
-        op = by_key.get(anchor.key)
-        if anchor.operand is not None or op is None or op.role != G.FORWARD \
-                or op.primitive not in inter.HEAVY_PRIMITIVES \
-                or not anchor.shape or anchor.shape[0] != examples:
-            continue
-        axes = set(anchor.spec[0]) if anchor.spec else set()
-        common = axes if common is None else common & axes
-    axes = tuple(axis for axis in mesh_sizes if axis in (common or ()) and axis not in exclude)
-    share = examples // microbatches
-    return axes if axes and share % math.prod(mesh_sizes[axis] for axis in axes) == 0 else ()
 
 
 def staged_step(plan, fun: Callable, mesh: jax.sharding.Mesh, data_axes: Sequence[str] = (), *,
