@@ -1,5 +1,6 @@
 """Collectives and costs read from what XLA compiled (autoplan._src.hlo)."""
 
+import functools
 import json
 import math
 
@@ -355,6 +356,37 @@ def test_cpu_reduce_scatter_is_found_in_compiled_hlo():
     else:
         assert sliced and report.communication_bytes == pytest.approx(2 * 7 / 8 * full)
     assert gpu.communication_bytes == pytest.approx(7 / 8 * full)
+
+
+def test_cpu_reduce_scatter_inside_a_loop_is_found():
+    """A reduce-scatter once per iteration of a scan (a gradient-accumulation loop's sums kept row-split):
+    XLA hoists ``partition-id`` out of the loop and hands the slice offset to the body in the loop's
+    tuple.  Found there too, the loop's reduce-scatters cost what the unrolled loop's do (missed, they
+    priced as all-reduces: twice the bytes)."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shard = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))  # noqa: E731
+    trips = 4
+
+    def accumulate(a, b, w, unroll):
+        def body(total, ab):
+            h = jnp.tanh(ab[0] @ w)  # a body big enough that XLA keeps the loop
+            return jax.lax.with_sharding_constraint(jnp.tanh(total) + h.T @ ab[1], shard("data", None)), None
+        return jax.lax.scan(body, jnp.zeros((128, 128), jnp.float32), (a, b), unroll=unroll)[0]
+
+    args = (_sds(trips, 256, 64), _sds(trips, 256, 128), _sds(64, 128))
+    priced = []
+    for looped, unroll in ((True, 1), (False, True)):
+        f = jax.jit(functools.partial(accumulate, unroll=unroll),
+                    in_shardings=(shard(None, "data", None), shard(None, "data", None), shard()),
+                    out_shardings=shard("data", None))
+        compiled = f.lower(*args).compile()
+        report = hlo.compiled_report(compiled, mesh, "a100-8x")
+        sliced = hlo.sliced_all_reduces(compiled, report.collectives)
+        assert ("while" in compiled.as_text()) == looped == any(c.repeats == trips for c in report.collectives)
+        if not any(c.kind == "reduce-scatter" for c in report.collectives):  # the CPU: all-reduce + slice
+            assert sliced
+        priced.append(hlo.with_reduce_scatters(report, sliced, mesh, "a100-8x").communication_bytes)
+    assert priced[0] == pytest.approx(priced[1]) == pytest.approx(trips * 7 / 8 * 128 * 128 * 4)
 
 
 class _PeakBelowTemps(_FakeCompiled):

@@ -643,6 +643,7 @@ def sliced_all_reduces(compiled_or_text, colls: Sequence[HloCollective]) -> set[
             gtes.setdefault((g["src"], int(g["index"])), []).append(name)
         if " partition-id()" in rest or (re.match(r"[a-z0-9]+\[\]", rest) and refs & from_pid):
             from_pid.add(name)
+    from_pid |= _loop_carried(text, from_pid, gtes)
     out = set()
     for c in colls:
         if c.kind != "all-reduce" or c.group_size <= 1:
@@ -667,6 +668,25 @@ def sliced_all_reduces(compiled_or_text, colls: Sequence[HloCollective]) -> set[
         if ok:
             out.add((c.computation, c.name, c.index))
     return out
+
+
+def _loop_carried(text: str, values: set[str], gtes: Mapping[tuple[str, int], list[str]]) -> set[str]:
+    """The names a while body reads ``values`` by: XLA hoists ``partition-id`` out of a loop and hands the
+    offsets it computes to the body in the loop's tuple, where the body's slices read them."""
+    comps, _ = _computations(text)
+    defined = {i.name: i for instrs in comps.values() for i in instrs}
+    found: set[str] = set()
+    for instrs in comps.values():
+        for loop in instrs:
+            init = defined.get(loop.operands[0]) if loop.opcode == "while" and loop.operands else None
+            if init is None or init.opcode != "tuple":
+                continue
+            body = comps.get(next(iter(_called(loop.attrs, "body")), ""), [])
+            param = next((i.name for i in body if i.opcode == "parameter"), None)
+            for index, operand in enumerate(init.operands):
+                if operand in values:
+                    found.update(gtes.get((param, index), []))
+    return found
 
 
 def with_reduce_scatters(report: CompiledReport, sliced: set, mesh, cluster) -> CompiledReport:
