@@ -284,6 +284,7 @@ def test_one_stage_loop_left_to_xla_reduces_every_microbatch_as_priced():
     gpu = hlo.with_reduce_scatters(report, hlo.sliced_all_reduces(compiled, report.collectives), mesh, cluster)
     plan = step.plan
     assert plan.data_axes == () and any(c.repeats == 2 for c in report.collectives)
+    assert "the microbatch loop is left to XLA" in plan.summary()
     assert plan.cost.communication_bytes == pytest.approx(gpu.communication_bytes, rel=0.02)
     assert plan.cost.step_seconds == pytest.approx(gpu.step_seconds, rel=0.03)
 

@@ -373,6 +373,9 @@ def _pipeline_lines(plan: Plan) -> list[str]:
     if plan.data_axes:
         lines.append(f"    data parallel over {' x '.join(plan.data_axes)}: each replica runs its share of every "
                      "microbatch; gradients are all-reduced once per step")
+    elif len(plan.stages) <= 1 and plan.microbatches > 1:
+        lines.append("    the microbatch loop is left to XLA: the plan's layouts inside it, gradients reduced "
+                     "inside it, every microbatch (priced so)")
     if plan.stack_chunks:
         lines.append(f"    the scanned stack is cut into {plan.stack_chunks} chunks along its stacked axis (leaves "
                      "ending /0, /1, ...: its chunks); a stacked argument whose chunks fill each stage row alike "
