@@ -10,8 +10,9 @@ Three programs per cluster for one GPT training step (Adam), 8 devices in nodes 
   the 4 devices of each stage.
 
 "predicted" is the cost model's step (pipelines: the schedule's ticks in lock step and the sends,
-`inter.lockstep_parts`, as the planner prices its own; the optimizer update and the gradient
-accumulation at device memory bandwidth, `inter.update_parts`; packing unpriced); "priced"
+`inter.lockstep_parts`, as the planner prices its own, and their optimizer update; the gradient
+accumulation at device memory bandwidth, `inter.update_parts`; a one-stage loop planned with its
+update; packing unpriced); "priced"
 is the same alpha-beta / roofline model applied to the programs XLA compiled: the pipelines' packing,
 tick loops (each tick as long as its slowest stage's branch, picked by the schedule's task table, plus
 the point-to-point sends and stash updates of its loop),

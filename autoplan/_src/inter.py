@@ -588,11 +588,10 @@ class GraphStageCosts:
         """The plan of a B-microbatch loop data parallel over ``data_axes`` (see `_looped_option`), its
         cost the step's; None when the batch does not split over the replicas.  Inside the loop no op
         splits over the data-parallel axes; the update, after it on the whole mesh, may."""
-        replicas = math.prod(mesh.axis_size(axis) for axis in data_axes)
-        try:
-            graph = self._graph(microbatches * replicas)[0]
-        except PL.MicrobatchError:
+        share = microbatches * mesh.axis_size(data_axes)
+        if not self._divides(share):
             return None
+        graph = self._graph(share)[0]
         looped = dataclasses.replace(graph, ops=[
             dataclasses.replace(op, repeat=op.repeat * microbatches) if op.role in (G.FORWARD, G.BACKWARD) else op
             for op in graph.ops])
@@ -619,10 +618,10 @@ class GraphStageCosts:
         split = [axis for axis in mesh.axis_names if mesh.axis_size(axis) > 1]
         for count in range(len(split), -1, -1):
             data_axes = next((axes for axes in itertools.combinations(split, count)
-                              if self._divides(microbatches * math.prod(mesh.axis_size(a) for a in axes))), None)
+                              if self._divides(microbatches * mesh.axis_size(axes))), None)
             if data_axes is not None:
                 break
-        graph, units, unit_of = self._graph(microbatches * math.prod(mesh.axis_size(a) for a in data_axes))
+        graph, units, unit_of = self._graph(microbatches * mesh.axis_size(data_axes))
         keep = {op.id for op in graph.ops if start <= unit_of[op.id] < end and op.role in (G.FORWARD, G.BACKWARD)}
         sub = sub_graph(graph, keep, [layer for unit in units[start:end] for layer in unit])
         plan, _ = self._solve(sub, mesh, name, replica_axes=tuple(split))
@@ -884,13 +883,6 @@ def _replica_gradient_bytes(plan, params: set[str], mesh: C.MeshShape, data_axes
                for leaf in plan.inputs if leaf.path in params)
 
 
-def _examples(graph: G.Graph, batch_prefix: str) -> int:
-    """The leading dim of the step's first batch leaf in ``graph`` (0 when it has none)."""
-    batch = PL._batch_leaves(graph, batch_prefix)
-    shape = graph.tensors[graph.ops[graph.input_ops[batch[0]]].outputs[0]].shape if batch else ()
-    return shape[0] if shape else 0
-
-
 def _stage_data_axes(choice: PipelineChoice, cost: GraphStageCosts) -> tuple[str, ...]:
     """The axes every stage row's plan runs data parallel over (`GraphStageCosts._stage_option`): the
     runtime runs the stages data parallel over them."""
@@ -970,26 +962,25 @@ def _pipeline_plan(choice: PipelineChoice, runtime, parts: dict, cost: GraphStag
                    graph: G.Graph, cluster: C.Cluster, budget: float, time_limit: float, api, P):
     first = choice.stages[0]
     options = _stage_options(choice, cost)
-    looped = options[0][0].detail if runtime is None and options[0][0].update_included else None
-    if looped is not None:
+    loop_plan = options[0][0].detail if runtime is None and options[0][0].update_included else None
+    if loop_plan is not None:
         # One stage looping over microbatches runs the plan the stage DP priced: the whole step at
         # microbatch size (`GraphStageCosts._looped_option`), the batch leaves at full size.
         shapes = [graph.tensors[graph.ops[i].outputs[0]].shape for i in graph.input_ops]
-        base = dataclasses.replace(looped, name="autoplan", inputs=tuple(
-            dataclasses.replace(leaf, shape=shape) for leaf, shape in zip(looped.inputs, shapes)))
+        base = dataclasses.replace(loop_plan, name="autoplan", inputs=tuple(
+            dataclasses.replace(leaf, shape=shape) for leaf, shape in zip(loop_plan.inputs, shapes)))
     else:
         base = api.plan_graph(graph, first.mesh, cluster, memory_budget=None, time_limit=time_limit, name="autoplan")
     mesh = first.mesh if len(choice.stages) == 1 else _pipeline_mesh(choice)
-    plans = [o.detail for row in options for o in row]
     busy = sum(s.seconds for s in choice.stages)
-    comm_share = sum(p.cost.communication_seconds for p in plans) / busy if busy else 0.0
-    if looped is not None:  # its plan prices all B microbatches
-        comm_share = looped.cost.communication_seconds / looped.cost.step_seconds
+    if loop_plan is not None:  # its plan prices all B microbatches
+        comm_share = loop_plan.cost.communication_seconds / loop_plan.cost.step_seconds
+    else:
+        comm_share = sum(o.detail.cost.communication_seconds for row in options for o in row) / busy if busy else 0.0
     step = choice.step_seconds
     memory, sent = choice.stages[0].memory_bytes, 0.0
-    # Pipeline stages and a one-stage loop run data parallel over the axes their plans split a
-    # microbatch's examples over.
-    data_axes = _stage_data_axes(choice, cost) if runtime is not None else looped.data_axes if looped else ()
+    # Pipeline stages and a one-stage loop run data parallel over the axes their stage plans say.
+    data_axes = _stage_data_axes(choice, cost) if runtime is not None else loop_plan.data_axes if loop_plan else ()
     # The batch is split as the runtime splits it: over the data-parallel axes, by examples.
     base = dataclasses.replace(base, inputs=tuple(
         dataclasses.replace(leaf, spec=(data_axes, *((),) * (len(leaf.shape) - 1)))
@@ -1008,7 +999,7 @@ def _pipeline_plan(choice: PipelineChoice, runtime, parts: dict, cost: GraphStag
                                    outputs=_with_homes(base.outputs, runtime.output_homes))
     pipeline_cost = C.Cost(step_seconds=step, compute_seconds=step * (1 - comm_share),
                            communication_seconds=step * comm_share,
-                           communication_bytes=looped.cost.communication_bytes if looped is not None else
+                           communication_bytes=loop_plan.cost.communication_bytes if loop_plan is not None else
                            choice.microbatches * max(sum(o.detail.cost.communication_bytes for o in row)
                                                      for row in options) + sent,
                            memory_bytes=memory)
