@@ -163,14 +163,15 @@ def device_mesh(shape: Sequence[int], names: Sequence[str]) -> jax.sharding.Mesh
     return jax.sharding.Mesh(np.array(devices[:n]).reshape(shape), tuple(names))
 
 
-def planners_for(names: Sequence[str], *, hand_strategies: bool = True, pinned: bool = True) -> list[str]:
+def planners_for(names: Sequence[str], *, hand_strategies: bool = True, pinned: bool = True,
+                 baselines: bool = True) -> list[str]:
     """autoplan, the baselines, the hand strategies (plain jit) and the same specs pinned through autoplan.
 
     megatron_dp on a one-axis mesh is megatron (no data axis left): skipped.  Hand strategies that do not
     apply to a model or mesh are measured as rows with status "skipped" and the reason.
     """
     out = [AUTOPLAN]
-    for b in autoplan.baselines.ALL:
+    for b in autoplan.baselines.ALL if baselines else ():
         if b == "megatron_dp" and len(names) < 2:
             continue
         out.append(b)
@@ -415,13 +416,13 @@ def summarize(model: str, mesh: str, cluster: autoplan.Cluster, plans: Sequence[
 
 def run(models: Iterable[str] = MODELS, meshes: Iterable[str] = MESHES, clusters: Iterable[str] = CLUSTERS,
         *, progress: bool = True, dump_dir: str | None = None, hand_strategies: bool = True, pinned: bool = True,
-        log: Callable[[str], None] | None = None,
+        baselines: bool = True, log: Callable[[str], None] | None = None,
         on_row: Callable[[list[dict], list[dict]], None] | None = None) -> tuple[list[dict], list[dict]]:
     """Measure every (model, mesh, cluster): returns (summary rows, per-plan rows).
 
     ``on_row(summary, everything)`` is called after each workload row (e.g. to write partial results)."""
     models, meshes, clusters = list(models), [parse_mesh(m) for m in meshes], [get_cluster(c) for c in clusters]
-    which = functools.partial(planners_for, hand_strategies=hand_strategies, pinned=pinned)
+    which = functools.partial(planners_for, hand_strategies=hand_strategies, pinned=pinned, baselines=baselines)
     jobs = [(m, shape, names, c, p) for m in models for shape, names in meshes for c in clusters
             for p in which(names)]
     bar = None
@@ -580,8 +581,9 @@ def write_markdown(path: str, summary: Sequence[dict], everything: Sequence[dict
         "(a reshard XLA could only do by replicating the tensor).", "",
         "## Summary", "",
         f"- Rows meeting ratio (vs best hand strategy) <= {TARGET_RATIO:.2f}: **{meets} / {len(summary)}**.",
-        f"- Rows where autoplan <= best emitted baseline: "
-        f"{sum(r.get('ratio_baseline', math.inf) <= TARGET_RATIO + RATIO_SLACK for r in ok)} / {len(summary)}.",
+        (f"- Rows where autoplan <= best emitted baseline: "
+         f"{sum(r.get('ratio_baseline', math.inf) <= TARGET_RATIO + RATIO_SLACK for r in ok)} / {len(summary)}."
+         if any(r.get("best_baseline") for r in ok) else "- Emitted baselines: not measured in this run."),
         f"- autoplan's compiled memory fits the device in {fits} / {len(summary)} rows.",
     ]
     worst = _worst(ok, "ratio")
@@ -729,6 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-pinned", action="store_true",
                         help="skip the hand strategies' specs through autoplan's emitter (pinned:* rows)")
     parser.add_argument("--no-hand", action="store_true", help="skip hand strategies altogether")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip autoplan.baselines (emitted data_parallel, zero1, ... rows)")
     parser.add_argument("--meshes", help=f"comma-separated mesh shapes (default: {','.join(MESHES)})")
     parser.add_argument("--clusters", help=f"comma-separated clusters (default: {','.join(CLUSTERS)})")
     parser.add_argument("--quick", action="store_true",
@@ -754,7 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       wall_seconds=time.perf_counter() - start, stem=stem)
 
     summary, everything = run(models, meshes, clusters, progress=not args.no_progress, dump_dir=args.dump_hlo,
-                              hand_strategies=not args.no_hand, pinned=not args.no_pinned, on_row=partial)
+                              hand_strategies=not args.no_hand, pinned=not args.no_pinned,
+                              baselines=not args.no_baselines, on_row=partial)
     wall = time.perf_counter() - start
     paths = write_results(summary, everything, args.out, command=command, wall_seconds=wall, stem=stem)
     meets = sum(bool(r.get("meets_target")) for r in summary)
