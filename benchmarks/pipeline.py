@@ -9,8 +9,9 @@ Three programs per cluster for one GPT training step (Adam), 8 devices in nodes 
 * a Megatron-style hand pipeline: 2 stages of equal layers, 1F1B, 4 microbatches, data parallel over
   the 4 devices of each stage.
 
-"predicted" is the cost model's step (pipelines: the schedule's ticks in lock step and the sends,
-`inter.lockstep_parts`, as the planner prices its own, and their optimizer update; the gradient
+"predicted" is the cost model's step (pipelines: the schedule's ticks in lock step, the sends and the
+residual-slot copies around each tick, `inter.lockstep_parts`, as the planner prices its own, and their
+optimizer update; the gradient
 accumulation at device memory bandwidth, `inter.update_parts`; a one-stage loop planned with its
 update; packing unpriced); "priced"
 is the same alpha-beta / roofline model applied to the programs XLA compiled: the pipelines' packing,
@@ -124,10 +125,11 @@ def _hand_pipeline(spec, args, cluster, microbatches: int):
     in_specs = [jax.sharding.PartitionSpec("data") if i in batch else jax.sharding.PartitionSpec()
                 for i in range(len(graph.input_ops))]
     staged = staging.StagedStep(spec.train_step, sched, mesh, bounds, in_specs=in_specs, data_axes=("data",))
-    # Priced as the planner prices its own pipelines: the runtime's ticks in lock step, its sends, the
-    # update and the gradient accumulation.
-    parts = inter.lockstep_parts(predicted, [[s.seconds] for s in predicted.stages],
-                                 staged.runtime_cost(*args).p2p_bytes, cluster)
+    # Priced as the planner prices its own pipelines: the runtime's ticks in lock step, its sends and
+    # per-tick copies, the update and the gradient accumulation.
+    runtime = staged.runtime_cost(*args)
+    parts = inter.lockstep_parts(predicted, [[s.seconds] for s in predicted.stages], runtime.p2p_bytes, cluster,
+                                 copy_bytes=runtime.tick_copy_bytes)
     parts |= inter.update_parts(predicted, inter._stage_options(predicted, cost), cluster)
     predicted = dataclasses.replace(predicted, step_seconds=sum(parts.values()))
     compiled = staging.StagedCompiled(programs=staged.compile(*args))
@@ -201,7 +203,8 @@ def main() -> None:
             _write_schedule(pl.schedule(chosen.schedule, stages=len(chosen.stages), microbatches=chosen.microbatches)
                             if len(chosen.stages) > 1 else pl.schedule("1f1b", stages=2, microbatches=b))
     write_results("pipeline", f"{MODEL} {OVERRIDES} (Adam) on {DEVICES} devices in nodes of 4. predicted: the cost "
-                  "model's step (pipelines: ticks in lock step + sends, as the runtime runs them, and the update; "
+                  "model's step (pipelines: ticks in lock step + sends + the residual-slot copies of each tick, as the "
+                  "runtime runs them, and the update; "
                   "all: gradient accumulation at memory bandwidth; one stage: the loop planned with its update; "
                   "packing unpriced); priced: the same cluster "
                   "model applied to the programs XLA compiled "

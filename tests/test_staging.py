@@ -415,6 +415,26 @@ def test_autoparallel_runs_a_planned_pipeline_like_jit_and_as_priced():
     permutes = [c for c in collectives if c.kind == "collective-permute"]
     assert priced["ticks"] > 0 and priced["sends"] + priced["outside"] >= \
         hlo.communication_seconds(permutes, step.mesh, plan.cluster) > 0
+    # Each tick copies a residual slot out of the stash the tick loops carry (per dtype, the largest
+    # [1, slots, n] buffer in the HLO: a slot holds many activations, a received value one) for its
+    # switch and stores the switch's slot-sized result back in place: two kernels of every loop body,
+    # outside the switch, each reading and writing a slot (+ its index).  The plan prices those and the
+    # switch's own result: 3 reads and writes of a slot per tick.
+    comps, _ = hlo._computations(pipeline.as_text())
+    loops = [i for body in comps.values() for i in body if i.opcode == "while"]
+    stash: dict[str, int] = {}
+    for dtype, dims in (leaf for loop in loops for leaf in hlo._flatten(loop.shape)):
+        if len(dims) == 3 and dims[:2] == (1, pl.stash_slots(schedule)):
+            stash[dtype] = max(stash.get(dtype, 0), dims[2] * hlo._bits(dtype) // 8)
+    for loop in loops:
+        body = hlo._called(loop.attrs, "body")[0]
+        switch = next(i for i in comps[body] if i.opcode == "conditional")
+        outside = hlo._walk_kernels(comps, body, 1, frozenset(hlo._called(switch.attrs, "branch_computations")))
+        for part in stash.values():
+            assert sum(k.bytes == pytest.approx(2 * part, rel=1e-3) for k in outside) == 2
+    slot = sum(stash.values())
+    assert plan.solver["pipeline_seconds"]["copies"] == pytest.approx(
+        schedule.num_ticks * 3 * 2 * slot / plan.cluster.memory_bandwidth, rel=1e-9)
 
 
 def test_checkpoint_of_a_pipelined_run_restores_onto_its_stages_and_onto_a_plan_without_stages(tmp_path):

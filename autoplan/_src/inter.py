@@ -40,6 +40,10 @@ from autoplan._src import graph as G
 from autoplan._src import pipeline as PL
 
 
+class NoPipelineFits(ValueError):
+    """No stage partition meets the memory budget: another schedule (fewer microbatches in flight) may."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class StageOption:
     """One way to run a layer range on a submesh: its logical mesh, latency and memory.
@@ -207,7 +211,7 @@ def solve_stages(num_layers: int, num_devices: int, cost: StageCost, *, microbat
             if choice is not None:
                 found.append(choice)
     if not found:
-        raise ValueError(_no_plan_message(num_layers, num_devices, microbatches, allowed_stages, memory_budget))
+        raise NoPipelineFits(_no_plan_message(num_layers, num_devices, microbatches, allowed_stages, memory_budget))
     found.sort(key=lambda c: c.step_seconds)
     return dataclasses.replace(found[0], alternatives=tuple(found[1:keep]))
 
@@ -780,7 +784,7 @@ def plan_pipeline(fn, *args, mesh=None, num_devices: int | None = None, cluster:
                                   keep=len(counts) * len(candidates),
                                   memory_budget=memory_budget, sizes=sizes, num_stages=candidates, uniform=True,
                                   layer_names=layer_names, equal_share=_stack_share(args, units, name))
-        except ValueError:
+        except NoPipelineFits:
             if name == schedules[-1] and not choices:
                 raise
             continue  # nothing fits this schedule's memory budget: the next one may
@@ -897,9 +901,9 @@ def _pipeline_mesh(choice: PipelineChoice) -> C.MeshShape:
 
 
 def lockstep_parts(choice: PipelineChoice, chunk_seconds: Sequence[Sequence[float]], p2p_bytes: float,
-                   cluster: C.Cluster) -> dict[str, float]:
+                   cluster: C.Cluster, *, copy_bytes: float = 0.0) -> dict[str, float]:
     """One step of ``choice`` as the SPMD runtime (`staging`) runs it: the schedule's ticks in lock step,
-    each as long as its slowest stage row's task, plus the sends.
+    each as long as its slowest stage row's task, plus the sends and the copies around each tick.
 
     ``chunk_seconds[s][c]`` is forward + backward of one microbatch through chunk ``c`` of row ``s``
     (the stage ILP's price).  A forward task costs a third of it and a backward the other two thirds
@@ -908,12 +912,15 @@ def lockstep_parts(choice: PipelineChoice, chunk_seconds: Sequence[Sequence[floa
     direction the runtime moves a buffer (`pipeline.send_directions`), each paying the link's latency.
     Where the stage times are equal and sends free this is Σ t + (B - 1)·max t under GPipe
     ((S + B - 1) ticks of each kind); 1F1B's steady state pairs a forward with a backward in each tick.
+    ``copies``: every tick each row moves ``copy_bytes`` (`staging.RuntimeCost.tick_copy_bytes`: the
+    residual slot in and out of its switch, the chunk's parameters where a row runs several) at
+    memory bandwidth.
 
     >>> stage = Stage(start=0, end=1, layers=("a",), devices=1, mesh=C.MeshShape(axis_names=("data",),
     ...               axis_sizes=(1,)), seconds=3.0, memory_bytes=0.0, in_flight=1)
     >>> two = PipelineChoice(stages=(stage, stage), microbatches=4, schedule="gpipe", step_seconds=0.0)
     >>> lockstep_parts(two, [[3.0], [3.0]], 0.0, C.get_cluster("a100-8x"))  # 5 forward ticks + 5 backward
-    {'ticks': 15.0, 'sends': 0.0}
+    {'ticks': 15.0, 'sends': 0.0, 'copies': 0.0}
     """
     sched = PL.schedule(choice.schedule, stages=len(choice.stages), microbatches=choice.microbatches)
     kinds, virtual, _ = PL.task_tables(sched)
@@ -927,7 +934,8 @@ def lockstep_parts(choice: PipelineChoice, chunk_seconds: Sequence[Sequence[floa
     moves = int(PL.send_directions(sched).sum())
     if p2p_bytes and moves:
         sends = moves * C.collective_seconds("p2p", p2p_bytes / moves, ("stage",), _pipeline_mesh(choice), cluster)
-    return {"ticks": float(task.max(axis=1).sum()), "sends": sends}
+    copies = sched.num_ticks * copy_bytes / cluster.memory_bandwidth
+    return {"ticks": float(task.max(axis=1).sum()), "sends": sends, "copies": copies}
 
 
 KEPT_ALTERNATIVES = 8  # runner-up plans a pipelined plan lists
@@ -1017,7 +1025,8 @@ def _step_parts(choice: PipelineChoice, runtime, cost: GraphStageCosts) -> dict:
     extra = update_parts(choice, options, cost.cluster)
     if runtime is None:
         return {"pipeline_seconds": {"stage": choice.step_seconds, **extra}}
-    parts = lockstep_parts(choice, [[o.seconds for o in row] for row in options], runtime.p2p_bytes, cost.cluster)
+    parts = lockstep_parts(choice, [[o.seconds for o in row] for row in options], runtime.p2p_bytes, cost.cluster,
+                           copy_bytes=runtime.tick_copy_bytes)
     exchange = C.collective_seconds("all-reduce", runtime.exchanged_bytes, ("stage",), _pipeline_mesh(choice),
                                     cost.cluster) if runtime.exchanged_bytes else 0.0
     return {"pipeline_seconds": {**parts, "exchange": exchange, **extra}, "p2p_bytes": runtime.p2p_bytes}

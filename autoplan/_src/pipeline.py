@@ -999,8 +999,11 @@ def run_ticks(sched: Schedule, branches: Sequence[Callable], params_row, batch, 
                 index, branches, jax.tree_util.tree_map(lambda x: x[chunk], params_row),
                 stashed(act_in, chunk, m), stashed(cot_in, chunk, m), stashed(kept, chunk, m % slots), mb)
             acc = jax.tree_util.tree_map(lambda a, g: a.at[chunk].add(g), acc, contrib)
-            # Every branch returns the slot it read, rewritten by a forward: stored without a select.
-            kept = jax.tree_util.tree_map(lambda x, y: x.at[chunk, m % slots].set(y), kept, keep)
+            # Every branch returns the slot it read, rewritten by a forward: stored in place, without the
+            # bounds select of a scatter (the slot index is always in range).
+            kept = jax.tree_util.tree_map(
+                lambda x, y: jax.lax.dynamic_update_slice(x, y[None, None], (chunk, m % slots) + (0,) * y.ndim),
+                kept, keep)
             if send_ahead:
                 y = jax.lax.ppermute(y, "stage", ahead)
                 _, vs_p, m_p = task(t, (s - 1) % stages)

@@ -623,6 +623,7 @@ class RuntimeCost:
     p2p_bytes: float  # sent per device: the packed buffers, on each tick and direction the runtime moves one
     exchanged_bytes: float  # float32 gradients all-reduced over the stage axis after the ticks
     stash_bytes: float  # received values (v chunks x B microbatches), residuals (v x stash slots + 2 in use)
+    tick_copy_bytes: float  # read and written per tick by the copies around the tick's switch
     packed_bytes: float  # the packed parameters a stage row's devices hold while the pipeline runs
     leaf_homes: tuple[int | None, ...]
     output_homes: tuple[int, ...]
@@ -641,9 +642,14 @@ def runtime_cost(cut: StageCut, sched: PL.Schedule) -> RuntimeCost:
     # Residuals: v x slots kept, plus the two slot-sized buffers a tick holds besides (XLA gives
     # lax.switch's operand and result buffers of their own: the slot read, the slot a forward packs).
     residuals = (sched.virtual * PL.stash_slots(sched) + 2) * nbytes(layouts.kept)
+    # Each tick copies a residual slot out of the stash for its switch, the switch returns one (a
+    # forward's residuals, or the slot it read: a conditional's result gets a buffer of its own) and
+    # the tick stores it back in place; with several chunks per row it also slices the chunk's packed
+    # parameters out (with one, that slice is the buffer itself).  Each is a read and a write.
+    copies = 2 * (3 * nbytes(layouts.kept) + (nbytes(layouts.params) if sched.virtual > 1 else 0))
     return RuntimeCost(p2p_bytes=float(ahead * nbytes(layouts.acts) + back * nbytes(layouts.cots)),
                        exchanged_bytes=float(nbytes(layouts.exchanged)),
-                       stash_bytes=float(received + residuals),
+                       stash_bytes=float(received + residuals), tick_copy_bytes=float(copies),
                        packed_bytes=float(sched.virtual * nbytes(layouts.params)),
                        leaf_homes=homes_.leaves, output_homes=homes_.outputs)
 
