@@ -536,6 +536,29 @@ def test_reshard_cost_matches_compiled_hlo(src, dst):
     assert predicted == pytest.approx(xla_bytes, rel=0.35), (predicted, xla_bytes)
 
 
+def test_a_local_slice_reshard_is_priced_as_the_kernel_xla_runs():
+    """Replicated -> split over 'model' sends nothing, but where a matmul reads the result XLA runs a
+    slice kernel that reads and writes each device's window: the planner prices that kernel's bytes
+    at memory bandwidth (before, such a reshard was free, and the ILP chose plans that slice often)."""
+    from jax.sharding import NamedSharding
+
+    from autoplan._src import hlo
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    cluster = clusters["a100-8x"]
+    ctx = B.Context(mesh=MeshShape(axis_names=("data", "model"), axis_sizes=(4, 2)), cluster=cluster)
+    src, dst, shape = ((), (), ()), ((), ("model",), ()), (16, 256, 64)
+    to = NamedSharding(mesh, B.to_partition_spec(dst))
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    f = jax.jit(lambda x, w: jnp.einsum("bsd,de->bse", jax.lax.with_sharding_constraint(x, to), w),
+                in_shardings=(replicated, replicated), out_shardings=to)
+    compiled = f.lower(jax.ShapeDtypeStruct(shape, jnp.float32), jax.ShapeDtypeStruct((64, 32), jnp.float32)).compile()
+    assert not hlo.collectives(compiled, mesh) and not B.reshard_collectives(src, dst, shape, "float32", ctx)
+    (sliced,) = [k for k in hlo.kernels(compiled) if "slice" in k.name]
+    assert B.reshard_seconds(src, dst, shape, "float32", ctx) * cluster.memory_bandwidth == \
+        pytest.approx(sliced.bytes, rel=1e-4)
+
+
 # ---------------------------------------------------------------------------
 # Fusion-aware memory traffic.
 

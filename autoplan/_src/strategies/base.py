@@ -526,10 +526,15 @@ def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=1 << 16)
 def _reshard_seconds_cached(src: Spec, dst: Spec, shape: tuple[int, ...], dtype: str, mesh, cluster) -> float:
     ctx = Context(mesh=mesh, cluster=cluster)
-    return sum(c.seconds for c in reshard_collectives(src, dst, shape, dtype, ctx))
+    collectives = reshard_collectives(src, dst, shape, dtype, ctx)
+    if not collectives:  # a local slice: a kernel reading and writing each device's window
+        return 2 * ctx.device_bytes(shape, dtype, dst) / cluster.memory_bandwidth
+    return sum(c.seconds for c in collectives)
 
 
 def reshard_seconds(src: Spec, dst: Spec, shape: Sequence[int], dtype: str, ctx: Context) -> float:
+    """Seconds to turn ``src`` into ``dst``: its collectives (`reshard_collectives`), or, for a local
+    slice that sends nothing, the kernel that reads and writes each device's window."""
     if src == dst or src is None or dst is None:
         return 0.0
     return _reshard_seconds_cached(src, dst, tuple(shape), dtype, ctx.mesh, ctx.cluster)
