@@ -528,7 +528,8 @@ def _reshard_seconds_cached(src: Spec, dst: Spec, shape: tuple[int, ...], dtype:
     ctx = Context(mesh=mesh, cluster=cluster)
     collectives = reshard_collectives(src, dst, shape, dtype, ctx)
     if not collectives:  # a local slice: a kernel reading and writing each device's window
-        return 2 * ctx.device_bytes(shape, dtype, dst) / cluster.memory_bandwidth
+        sliced = ctx.shards(dst) > ctx.shards(src)  # not where only size-1 axes differ
+        return 2 * ctx.device_bytes(shape, dtype, dst) / cluster.memory_bandwidth if sliced else 0.0
     return sum(c.seconds for c in collectives)
 
 
