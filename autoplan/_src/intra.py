@@ -205,7 +205,18 @@ def _boundary_traffic(graph: G.Graph) -> tuple[S.OpTraffic, ...]:
                            for c in consumers(t))
                        for t, write in zip(op.outputs, traffic[op.id].outputs))
         out[op.id] = S.OpTraffic(inputs=reads, outputs=writes)
-    return tuple(out)
+    next_iteration = {leaving: entering for entering, leaving in graph.ties}
+
+    def kernel_consumers(t):  # a carry feeds the next iteration's body, as in the unrolled loop
+        for c, _ in graph.consumers[t]:
+            if c in next_iteration:
+                yield from consumers(ops[next_iteration[c]].outputs[0])
+            elif ops[c].primitive in control.BOUNDARY_PRIMITIVES:
+                yield from kernel_consumers(ops[c].outputs[0])
+            else:
+                yield ops[c]
+
+    return S.with_fusion_kernels(graph, out, kernel_consumers)
 
 
 def _repeated(strategy: S.Strategy, times: int, ctx: S.Context, *, latency_once: bool) -> S.Strategy:

@@ -256,6 +256,8 @@ class OpTraffic:
 
     inputs: tuple[bool, ...]
     outputs: tuple[bool, ...]
+    kernels: int = 1  # kernels that read the operands: a fused producer is recomputed in each it feeds
+    rereads: int = 0  # kernels that read a written result back (a value too widely used to recompute)
 
 
 @functools.lru_cache(maxsize=8)  # graphs hash by identity; the planner asks several times per solve
@@ -269,7 +271,10 @@ def fused_traffic(graph: G.Graph) -> tuple[OpTraffic, ...]:
     A result is written when some consumer cannot fuse it (a matmul, a
     graph output) or runs in another phase (a forward value the backward
     pass reads is saved); an operand is read when its producer is not fused
-    in.
+    in, and by every kernel a fused producer runs in (``kernels``,
+    `with_fusion_kernels`): XLA recomputes a cheap value in each kernel that uses
+    it.  Checked against compiled one-device steps (GPT, Wide-ResNet, MoE)
+    in ``tests/test_strategies_rules.py``.
 
     >>> from autoplan._src import graph as G
     >>> t = lambda i, p: G.Tensor(id=i, shape=(4,), dtype="float32", producer=p)
@@ -297,7 +302,49 @@ def fused_traffic(graph: G.Graph) -> tuple[OpTraffic, ...]:
                    for c, _ in graph.consumers[t])
             for t in op.outputs)
         out.append(OpTraffic(inputs=inputs, outputs=outputs))
-    return tuple(out)
+    return with_fusion_kernels(graph, out, lambda t: (ops[c] for c, _ in graph.consumers[t]))
+
+
+MAX_DUPLICATES = 2  # a fused value used by more kernels is written once and read back by each
+
+
+def with_fusion_kernels(graph: G.Graph, traffic: Sequence[OpTraffic],
+                        consumers: Callable[[int], Iterator[G.Op]]) -> tuple[OpTraffic, ...]:
+    """``traffic`` with each fusible producer's ``kernels``: its own where it writes a result, and
+    every kernel of a consumer (``consumers(tensor)``) it is fused into.
+
+    XLA fuses a cheap producer into each consumer kernel (duplicating it) rather than write its
+    result, so a value two kernels use has its operands read twice: the backward pass of a
+    layer norm or a residual reads a forward activation in several reductions.  Counting them once
+    priced a GPT step's memory traffic at two thirds of what XLA compiles.  A value more than
+    `MAX_DUPLICATES` kernels use is written once and read back by each (``rereads``): else a
+    residual stream fused through every layer would be recomputed in dozens of kernels.  Kernels
+    stay within a phase: a value a later phase uses is saved (written), and read there once.
+    """
+    ops = graph.ops
+    fusible = [op.primitive in FUSIBLE_PRODUCERS and op.role not in (G.INPUT, G.CONSTANT) for op in ops]
+    kernels: list[frozenset[int]] = [frozenset()] * len(ops)
+    rereads = [0] * len(ops)
+    for _ in range(4):  # one sweep unless a loop carry feeds an earlier operator of its body
+        changed = False
+        for op in reversed(ops):
+            own = {op.id} if any(traffic[op.id].outputs) or not fusible[op.id] else set()
+            if fusible[op.id]:
+                for t in op.outputs:
+                    for consumer in consumers(t):
+                        if consumer.primitive in FUSIBLE_CONSUMERS and consumer.role == op.role:
+                            own |= kernels[consumer.id]
+            own = frozenset(own or {op.id})
+            if len(own) > MAX_DUPLICATES:  # written once, read by each kernel
+                rereads[op.id], own = len(own - {op.id}), frozenset({op.id})
+            changed |= own != kernels[op.id]
+            kernels[op.id] = own
+        if not changed:
+            break
+    return tuple(traffic[op.id] if not fusible[op.id] else
+                 dataclasses.replace(traffic[op.id], outputs=(True,) * len(op.outputs), rereads=rereads[op.id])
+                 if rereads[op.id] else dataclasses.replace(traffic[op.id], kernels=len(kernels[op.id]))
+                 for op in ops)
 
 
 def with_memory_traffic(strategy: Strategy, op: G.Op, ctx: Context, traffic: OpTraffic | None = None
@@ -306,13 +353,14 @@ def with_memory_traffic(strategy: Strategy, op: G.Op, ctx: Context, traffic: OpT
 
     Only the operands and results that ``traffic`` marks (default: all) count.
     """
-    reads = traffic.inputs if traffic is not None else (True,) * len(op.inputs)
+    reads = tuple(r * traffic.kernels for r in traffic.inputs) if traffic is not None else (1,) * len(op.inputs)
     writes = traffic.outputs if traffic is not None else (True,) * len(op.outputs)
-    bytes_moved = sum(ctx.device_bytes(shape, dtype, spec) for shape, dtype, spec, t, read in
+    bytes_moved = sum(read * ctx.device_bytes(shape, dtype, spec) for shape, dtype, spec, t, read in
                       zip(op.input_shapes, op.input_dtypes, strategy.input_specs, op.inputs, reads)
-                      if t != G.LITERAL and read)
-    bytes_moved += sum(ctx.device_bytes(shape, dtype, spec) for shape, dtype, spec, write in
-                       zip(op.output_shapes, op.output_dtypes, strategy.output_specs, writes) if write)
+                      if t != G.LITERAL)
+    result_passes = 1 + (traffic.rereads if traffic is not None else 0)  # the write and the reads back
+    bytes_moved += result_passes * sum(ctx.device_bytes(shape, dtype, spec) for shape, dtype, spec, write in
+                                       zip(op.output_shapes, op.output_dtypes, strategy.output_specs, writes) if write)
     seconds = bytes_moved / ctx.cluster.memory_bandwidth
     if seconds <= strategy.compute_seconds:
         return strategy
