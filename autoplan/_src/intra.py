@@ -179,11 +179,10 @@ def _through(graph: G.Graph, t: int) -> int:
 def _boundary_traffic(graph: G.Graph) -> tuple[S.OpTraffic, ...]:
     """`S.fused_traffic` with loop boundaries transparent: a value crossing a body boundary is read
     and written as it would be between the same operators of an unrolled loop."""
-    traffic = S.fused_traffic(graph)
     if not any(op.primitive in control.BOUNDARY_PRIMITIVES for op in graph.ops):
-        return traffic
+        return S.fused_traffic(graph)
+    traffic = S.phase_traffic(graph)
     ops, out = graph.ops, list(traffic)
-    fusible = lambda op: op.primitive in S.FUSIBLE_PRODUCERS and op.role not in (G.INPUT, G.CONSTANT)  # noqa: E731
 
     def consumers(t):  # consumers of t, looking through the boundaries it enters
         for c, _ in graph.consumers[t]:
@@ -196,7 +195,7 @@ def _boundary_traffic(graph: G.Graph) -> tuple[S.OpTraffic, ...]:
         if op.primitive in control.BOUNDARY_PRIMITIVES:
             continue
         reads = tuple(read if t == G.LITERAL or _through(graph, t) == t else not (
-            op.primitive in S.FUSIBLE_CONSUMERS and fusible(ops[graph.tensors[_through(graph, t)].producer]))
+            op.primitive in S.FUSIBLE_CONSUMERS and S.fusible_producer(ops[graph.tensors[_through(graph, t)].producer]))
                       for t, read in zip(op.inputs, traffic[op.id].inputs))
         writes = tuple(write if not any(ops[c].primitive in control.BOUNDARY_PRIMITIVES
                                         for c, _ in graph.consumers[t]) else

@@ -260,6 +260,11 @@ class OpTraffic:
     rereads: int = 0  # kernels that read a written result back (a value too widely used to recompute)
 
 
+def fusible_producer(op: G.Op) -> bool:
+    """Whether XLA may fuse ``op`` into its consumers' kernels instead of writing its results."""
+    return op.primitive in FUSIBLE_PRODUCERS and op.role not in (G.INPUT, G.CONSTANT)
+
+
 @functools.lru_cache(maxsize=8)  # graphs hash by identity; the planner asks several times per solve
 def fused_traffic(graph: G.Graph) -> tuple[OpTraffic, ...]:
     """Per operator, which operands it reads and results it writes in device memory, as XLA fuses.
@@ -289,20 +294,26 @@ def fused_traffic(graph: G.Graph) -> tuple[OpTraffic, ...]:
     [((True,), (False,)), ((False,), (True,))]
     """
     ops = graph.ops
+    return with_fusion_kernels(graph, phase_traffic(graph), lambda t: (ops[c] for c, _ in graph.consumers[t]))
+
+
+@functools.lru_cache(maxsize=8)
+def phase_traffic(graph: G.Graph) -> tuple[OpTraffic, ...]:
+    """`fused_traffic` before `with_fusion_kernels`: what each operator reads and writes, each
+    fused producer counted once."""
+    ops = graph.ops
     out = []
     for op in ops:
-        inputs = tuple(
-            t != G.LITERAL and not (op.primitive in FUSIBLE_CONSUMERS
-                                    and ops[graph.tensors[t].producer].primitive in FUSIBLE_PRODUCERS
-                                    and ops[graph.tensors[t].producer].role not in (G.INPUT, G.CONSTANT))
-            for t in op.inputs)
+        inputs = tuple(t != G.LITERAL and not (op.primitive in FUSIBLE_CONSUMERS
+                                               and fusible_producer(ops[graph.tensors[t].producer]))
+                       for t in op.inputs)
         outputs = tuple(
             op.primitive not in FUSIBLE_PRODUCERS
             or any(ops[c].primitive not in FUSIBLE_CONSUMERS or ops[c].role != op.role
                    for c, _ in graph.consumers[t])
             for t in op.outputs)
         out.append(OpTraffic(inputs=inputs, outputs=outputs))
-    return with_fusion_kernels(graph, out, lambda t: (ops[c] for c, _ in graph.consumers[t]))
+    return tuple(out)
 
 
 MAX_DUPLICATES = 2  # a fused value used by more kernels is written once and read back by each
@@ -322,7 +333,7 @@ def with_fusion_kernels(graph: G.Graph, traffic: Sequence[OpTraffic],
     stay within a phase: a value a later phase uses is saved (written), and read there once.
     """
     ops = graph.ops
-    fusible = [op.primitive in FUSIBLE_PRODUCERS and op.role not in (G.INPUT, G.CONSTANT) for op in ops]
+    fusible = [fusible_producer(op) for op in ops]
     kernels: list[frozenset[int]] = [frozenset()] * len(ops)
     rereads = [0] * len(ops)
     for _ in range(4):  # one sweep unless a loop carry feeds an earlier operator of its body
@@ -335,8 +346,9 @@ def with_fusion_kernels(graph: G.Graph, traffic: Sequence[OpTraffic],
                         if consumer.primitive in FUSIBLE_CONSUMERS and consumer.role == op.role:
                             own |= kernels[consumer.id]
             own = frozenset(own or {op.id})
-            if len(own) > MAX_DUPLICATES:  # written once, read by each kernel
-                rereads[op.id], own = len(own - {op.id}), frozenset({op.id})
+            rereads[op.id] = len(own - {op.id}) if len(own) > MAX_DUPLICATES else 0
+            if rereads[op.id]:  # written once, read by each kernel
+                own = frozenset({op.id})
             changed |= own != kernels[op.id]
             kernels[op.id] = own
         if not changed:
